@@ -1,0 +1,147 @@
+//! geopush gateway: the data plane.
+//!
+//! A gateway node accepts authenticated WebSocket sessions ([`http`], [`auth`],
+//! [`session`]), indexes where its clients are ([`geo`]), and delivers frames to users,
+//! topics, areas or everyone through its [`hub`]. [`Gateway::serve`] runs it on a bound
+//! listener until a shutdown future resolves, then drains ([`drain`]).
+
+pub mod auth;
+pub mod config;
+mod drain;
+pub mod geo;
+mod http;
+pub mod hub;
+pub mod metrics;
+mod node;
+pub mod session;
+
+pub use config::Config;
+pub use hub::{Hub, Notification, Target};
+
+use auth::{KeyError, TokenVerifier};
+use config::ConfigError;
+use node::Node;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Why a gateway could not start.
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+}
+
+/// A gateway node. Cheap to clone; every clone is the same node.
+#[derive(Clone)]
+pub struct Gateway {
+    node: Arc<Node>,
+}
+
+impl Gateway {
+    /// Validate the configuration and load the token keys.
+    pub fn new(config: Config) -> Result<Gateway, GatewayError> {
+        config.validate()?;
+        let verifier = TokenVerifier::from_config(&config)?;
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("gw-{:08x}", rand::random::<u32>()));
+        Ok(Gateway {
+            node: Arc::new(Node::new(config, verifier, node_id)),
+        })
+    }
+
+    /// Deliver to this node's sessions.
+    pub fn hub(&self) -> &Hub {
+        &self.node.hub
+    }
+
+    /// The Prometheus text of this node's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.node.metrics.encode()
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node.node_id
+    }
+
+    /// Open sessions.
+    pub fn connection_count(&self) -> usize {
+        self.node.connection_count()
+    }
+
+    /// Serve on `listener` until `shutdown` resolves, then drain: readiness fails, new
+    /// upgrades get 503, every session gets `reconnect` and close 1001 spread over the drain
+    /// window; tasks still running a grace period later are stopped.
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let node = &self.node;
+        if node.config.uses_dev_secret() {
+            warn!(
+                "INSECURE: no token key configured; using the built-in development secret. \
+                 Anyone can mint tokens for this gateway. Set GEOPUSH_JWT_SECRET, \
+                 GEOPUSH_JWT_PUBLIC_KEY or GEOPUSH_JWKS_FILE in production."
+            );
+        }
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        info!(addr = %addr, node = %node.node_id, "listening");
+        let stop_accepting = CancellationToken::new();
+        let accept = node.tasks.spawn(http::accept_loop(
+            node.clone(),
+            listener,
+            stop_accepting.clone(),
+        ));
+
+        shutdown.await;
+        info!("shutdown requested: draining");
+        node.draining.store(true, Ordering::Release);
+        // Keep answering HTTP (readiness says 503, upgrades are refused) while draining.
+        drain::drain_sessions(node).await;
+        stop_accepting.cancel();
+        let _ = accept.await;
+        node.tasks.close();
+        let grace = node.config.shutdown_grace();
+        if tokio::time::timeout(grace, wait_for_sessions(node))
+            .await
+            .is_err()
+        {
+            warn!(
+                left = node.connection_count(),
+                "grace period over; stopping the rest"
+            );
+        }
+        node.hard_stop.cancel();
+        if tokio::time::timeout(grace, node.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("tasks still running after the hard stop");
+        }
+        info!("drained");
+    }
+}
+
+async fn wait_for_sessions(node: &Node) {
+    while node.connection_count() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Run a gateway with `config` on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GatewayError> {
+    Gateway::new(config)?.serve(listener, shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! `geopush-gateway`: run a gateway (`serve`, the default) or mint a development token.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use geopush_gateway::config::{Config, DEV_JWT_SECRET, LogFormat};
+use geopush_gateway::{Gateway, auth};
+use std::io::IsTerminal;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "geopush-gateway",
+    version,
+    about = "geopush gateway: location-aware WebSocket push"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Print an HS256 client token signed with the configured secret (or the dev secret).
+    Token {
+        /// User id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Device id (`did`).
+        #[arg(long)]
+        did: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("GEOPUSH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop the gateway");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token { sub, did, ttl }) => {
+            let config = cli.config;
+            if config.jwt_public_key.is_some() || config.jwks_file.is_some() {
+                anyhow::bail!(
+                    "token minting needs an HMAC secret; this gateway verifies with a public key"
+                );
+            }
+            let secret = config
+                .jwt_secret
+                .as_ref()
+                .map(|s| s.expose().to_owned())
+                .unwrap_or_else(|| {
+                    eprintln!("warning: signing with the INSECURE development secret");
+                    DEV_JWT_SECRET.to_owned()
+                });
+            println!(
+                "{}",
+                auth::mint_hs256(&secret, &sub, did.as_deref(), ttl)
+                    .context("signing the token")?
+            );
+            Ok(())
+        }
+        None | Some(Command::Serve) => {
+            init_logging(cli.config.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting tokio")?;
+            runtime.block_on(async move {
+                tracing::info!(config = ?cli.config, "configuration");
+                let gateway = Gateway::new(cli.config.clone()).context("configuration")?;
+                let listener = tokio::net::TcpListener::bind(cli.config.listen)
+                    .await
+                    .with_context(|| format!("binding {}", cli.config.listen))?;
+                gateway.serve(listener, shutdown_signal()).await;
+                anyhow::Ok(())
+            })
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `Node`: the state one gateway process shares between its HTTP layer and its sessions.
+
+use crate::auth::TokenVerifier;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use geopush_proto::FixPolicy;
+use geopush_proto::frames::SessionLimits;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything a session or a request handler needs from its node.
+pub struct Node {
+    pub config: Config,
+    /// This node's name in `welcome` frames and logs.
+    pub node_id: String,
+    pub metrics: Arc<Metrics>,
+    pub hub: Hub,
+    pub verifier: TokenVerifier,
+    /// Announced to every client in `welcome`.
+    pub limits: SessionLimits,
+    pub fix_policy: FixPolicy,
+    /// True once shutdown began: readiness fails, upgrades are refused.
+    pub draining: AtomicBool,
+    /// Sessions holding a slot (upgrades accepted and not yet ended).
+    connections: AtomicUsize,
+    /// Cancelled when the grace period is over: every task stops at once.
+    pub hard_stop: CancellationToken,
+    /// Every task this node spawned (connections, sessions, writers).
+    pub tasks: TaskTracker,
+}
+
+impl Node {
+    pub fn new(config: Config, verifier: TokenVerifier, node_id: String) -> Node {
+        let metrics = Arc::new(Metrics::new());
+        metrics.bus_up.set(1);
+        let limits = SessionLimits {
+            max_frame_bytes: config.max_frame_bytes,
+            max_fixes_per_s: config.max_fixes_per_second,
+            max_topics: config.max_topics,
+        };
+        let fix_policy = FixPolicy {
+            max_future_ms: (config.fix_max_future_seconds as i64).saturating_mul(1000),
+            ..FixPolicy::default()
+        };
+        Node {
+            hub: Hub::new(metrics.clone()),
+            metrics,
+            verifier,
+            limits,
+            fix_policy,
+            node_id,
+            config,
+            draining: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            hard_stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Take a connection slot, or `None` when the node is full.
+    pub fn try_acquire_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let max = self.config.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.metrics.connections.inc();
+        Some(ConnectionSlot { node: self.clone() })
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+}
+
+/// A held connection slot; released on drop, whatever ends the session.
+pub struct ConnectionSlot {
+    node: Arc<Node>,
+}
+
+impl ConnectionSlot {
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::AcqRel);
+        self.node.metrics.connections.dec();
+    }
+}

@@ -1,0 +1,720 @@
+//! One WebSocket session, from the upgraded socket to its close.
+//!
+//! A session is two tasks: this reader, which parses client frames and runs the session's
+//! timers, and a writer ([`outbound::run_writer`]) that drains the session's queue. The
+//! per-fix path reads top to bottom here: decode → validate → rate limit → index.
+//!
+//! The reader keeps `read_frame` (not cancel safe) in one pinned future that lives across
+//! `select!` iterations and is replaced only when it completes, so no frame is ever torn.
+//! When the parser's buffer is provably empty after a frame, the parser is dropped and the
+//! next read waits on socket readiness alone: an idle session holds no read buffer.
+
+pub mod outbound;
+pub mod socket;
+
+use crate::auth::{Claims, TokenVerifier};
+use crate::geo::clients::SessionId;
+use crate::hub::SubscribeError;
+use crate::node::{ConnectionSlot, Node};
+use bytes::{Bytes, BytesMut};
+use fastwebsockets::{OpCode, Payload, Role, WebSocketError, WebSocketRead, after_handshake_split};
+use geopush_proto::frames::{ClientFrame, LocationFrame, ServerFrame, decode_client_frame};
+use geopush_proto::{CloseCode, ErrorCode, Fix};
+use hyper_util::rt::TokioIo;
+use outbound::{Outbound, Outgoing, run_writer};
+use socket::{SessionSocket, SocketReader, SocketWriter};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, info, warn};
+
+/// The close label used in metrics when a peer vanished without a close frame.
+const ABNORMAL_CLOSE: u16 = 1006;
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A frame as read, owning its payload.
+struct InFrame {
+    fin: bool,
+    opcode: OpCode,
+    payload: BytesMut,
+}
+
+/// Bytes a client frame of this payload length occupies on the wire (clients mask).
+fn wire_len(payload_len: usize) -> u64 {
+    let extended = match payload_len {
+        0..=125 => 0,
+        126..=65_535 => 2,
+        _ => 8,
+    };
+    (2 + extended + 4 + payload_len) as u64
+}
+
+/// The frame parser, or nothing while the session is idle.
+enum FrameReader {
+    Parked,
+    Active(WebSocketRead<SocketReader>),
+}
+
+fn new_parser(
+    socket: &Arc<SessionSocket>,
+    prefix: Option<Bytes>,
+    max_frame_bytes: usize,
+) -> WebSocketRead<SocketReader> {
+    let writer = SocketWriter::new(socket.clone());
+    let (mut read, _) = after_handshake_split(
+        SocketReader::new(socket.clone(), prefix),
+        writer,
+        Role::Server,
+    );
+    configure_reader(&mut read, max_frame_bytes);
+    read
+}
+
+fn configure_reader(read: &mut WebSocketRead<SocketReader>, max_frame_bytes: usize) {
+    // Pings and closes are answered by the session through its writer.
+    read.set_auto_pong(false);
+    read.set_auto_close(false);
+    read.set_max_message_size(max_frame_bytes);
+}
+
+/// Read one frame, building a parser first if the session was idle.
+///
+/// # Cancel safety
+/// Not cancel safe (neither is `read_frame`): the caller keeps the future pinned until it
+/// completes, and drops it only when the session ends.
+async fn read_next(
+    reader: FrameReader,
+    socket: Arc<SessionSocket>,
+    max_frame_bytes: usize,
+) -> (FrameReader, Result<InFrame, WebSocketError>) {
+    let mut parser = match reader {
+        FrameReader::Active(parser) => parser,
+        FrameReader::Parked => {
+            if let Err(e) = socket.readable().await {
+                return (FrameReader::Parked, Err(e.into()));
+            }
+            new_parser(&socket, None, max_frame_bytes)
+        }
+    };
+    let result = parser
+        .read_frame(&mut |_| std::future::ready(Ok::<(), Infallible>(())))
+        .await
+        .map(|frame| InFrame {
+            fin: frame.fin,
+            opcode: frame.opcode,
+            payload: match frame.payload {
+                Payload::Bytes(bytes) => bytes,
+                other => BytesMut::from(&other[..]),
+            },
+        });
+    (FrameReader::Active(parser), result)
+}
+
+/// What the reader does after handling something.
+enum Flow {
+    Continue,
+    /// Stop reading; the close (if any) is already requested from the writer.
+    Stop,
+}
+
+/// Per-connection fix rate limiting: a token bucket; fixes beyond it are coalesced into
+/// one pending fix (latest wins), and a persistent flood is reported.
+struct FixRate {
+    per_second: f64,
+    tokens: f64,
+    refilled_at: Instant,
+    /// Fixes received in the current one-second window, and the window's start.
+    window_start: Instant,
+    window_count: u32,
+    /// Consecutive windows over the flood threshold.
+    flooding_windows: u32,
+    /// When the last `rate_limited` error was sent (one per second at most).
+    warned_at: Option<Instant>,
+}
+
+impl FixRate {
+    fn new(per_second: u32, now: Instant) -> FixRate {
+        FixRate {
+            per_second: f64::from(per_second),
+            tokens: f64::from(per_second),
+            refilled_at: now,
+            window_start: now,
+            window_count: 0,
+            flooding_windows: 0,
+            warned_at: None,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+        self.refilled_at = now;
+    }
+
+    /// Count an arriving fix; true when the flood has lasted `flood_seconds` windows.
+    fn count_arrival(&mut self, now: Instant, flood_factor: u32, flood_seconds: u32) -> bool {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= Duration::from_secs(1) {
+            let threshold = self.per_second * f64::from(flood_factor);
+            let flooded =
+                f64::from(self.window_count) > threshold && elapsed < Duration::from_secs(2);
+            self.flooding_windows = if flooded {
+                self.flooding_windows + 1
+            } else {
+                0
+            };
+            self.window_start = now;
+            self.window_count = 0;
+        }
+        self.window_count += 1;
+        self.flooding_windows >= flood_seconds
+    }
+
+    /// Take a token if one is there.
+    fn try_take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next token will be there.
+    fn next_token_at(&self) -> Instant {
+        let missing = (1.0 - self.tokens).max(0.0);
+        self.refilled_at + Duration::from_secs_f64(missing / self.per_second)
+    }
+}
+
+/// The token state of a session.
+enum Auth {
+    /// Valid until `expires_at`.
+    Valid { expires_at: Instant },
+    /// Expired; closed with 4001 at `close_at` unless refreshed.
+    Grace { close_at: Instant },
+}
+
+/// One connected client.
+struct Session {
+    node: Arc<Node>,
+    id: SessionId,
+    user: Arc<str>,
+    outbound: Outbound,
+    auth: Auth,
+    last_seen: Instant,
+    next_ping_at: Instant,
+    rate: FixRate,
+    /// A fix waiting for the rate limiter; replaced by newer fixes.
+    pending_fix: Option<Fix>,
+    /// `ts` of the last fix processed; older fixes are ignored.
+    last_fix_ts: i64,
+    bad_window_start: Instant,
+    bad_in_window: u32,
+    /// A fragmented message being reassembled.
+    partial: Option<(OpCode, BytesMut)>,
+}
+
+fn expiry_instant(claims: &Claims) -> Instant {
+    let left = TokenVerifier::seconds_left(claims);
+    Instant::now() + Duration::from_secs(left.max(0) as u64)
+}
+
+/// Run a session on an upgraded connection until it ends. Holds the connection slot.
+pub(crate) async fn run(
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    claims: Claims,
+    slot: ConnectionSlot,
+) {
+    let node = slot.node().clone();
+    let ws = match upgrade.await {
+        Ok(ws) => ws,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let parts = match ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+    {
+        Ok(parts) => parts,
+        Err(_) => {
+            warn!("upgraded connection is not a TCP stream; dropping it");
+            return;
+        }
+    };
+    let socket = SessionSocket::new(parts.io.into_inner());
+    let max_frame_bytes = node.config.max_frame_bytes;
+    let prefix = (!parts.read_buf.is_empty()).then_some(parts.read_buf);
+    let (first_parser, mut ws_write) = after_handshake_split(
+        SocketReader::new(socket.clone(), prefix.clone()),
+        SocketWriter::new(socket.clone()),
+        Role::Server,
+    );
+    // Vectored writes for every frame: no per-session copy buffer grows.
+    ws_write.set_writev_threshold(0);
+    let reader = if prefix.is_some() {
+        let mut parser = first_parser;
+        configure_reader(&mut parser, max_frame_bytes);
+        FrameReader::Active(parser)
+    } else {
+        FrameReader::Parked
+    };
+
+    let outbound = Outbound::new(node.config.queue_len);
+    let user: Arc<str> = claims.sub.as_str().into();
+    let id = node.hub.register(user.clone(), outbound.clone());
+    let now = Instant::now();
+    let mut session = Session {
+        id,
+        user,
+        outbound: outbound.clone(),
+        auth: Auth::Valid {
+            expires_at: expiry_instant(&claims),
+        },
+        last_seen: now,
+        next_ping_at: now + node.config.heartbeat(),
+        rate: FixRate::new(node.config.max_fixes_per_second, now),
+        pending_fix: None,
+        last_fix_ts: i64::MIN,
+        bad_window_start: now,
+        bad_in_window: 0,
+        partial: None,
+        node: node.clone(),
+    };
+    debug!(session = id, user = %claims.sub, device = claims.device(), "session open");
+    session.send(&ServerFrame::Welcome {
+        session: &format!("{id:x}"),
+        node: &node.node_id,
+        heartbeat_s: node.config.heartbeat_seconds,
+        limits: &node.limits,
+    });
+
+    let writer = node.tasks.spawn(run_writer(
+        ws_write,
+        outbound.clone(),
+        node.metrics.clone(),
+        node.config.write_timeout(),
+    ));
+    tokio::pin!(writer);
+    let read = read_next(reader, socket.clone(), max_frame_bytes);
+    tokio::pin!(read);
+    let mut consumed: u64 = 0;
+    let mut deadline = session.next_deadline();
+    let sleep = sleep_until(deadline);
+    tokio::pin!(sleep);
+
+    let writer_end = loop {
+        tokio::select! {
+            biased;
+            end = &mut writer => break end.ok(),
+            () = node.hard_stop.cancelled() => {
+                outbound.abandon();
+                break None;
+            }
+            (parser, result) = &mut read => {
+                let flow = match result {
+                    Ok(frame) => {
+                        consumed += wire_len(frame.payload.len());
+                        // Everything read from the socket has been parsed: drop the parser
+                        // and its buffer until more bytes arrive.
+                        let next = if consumed == socket.bytes_read() { FrameReader::Parked } else { parser };
+                        read.set(read_next(next, socket.clone(), max_frame_bytes));
+                        session.on_frame(frame)
+                    }
+                    Err(e) => session.on_read_error(e),
+                };
+                if let Flow::Stop = flow {
+                    break wait_writer(&mut writer, &node).await;
+                }
+            }
+            () = &mut sleep => {
+                if let Flow::Stop = session.on_timer(Instant::now()) {
+                    break wait_writer(&mut writer, &node).await;
+                }
+            }
+        }
+        let next = session.next_deadline();
+        if next != deadline {
+            deadline = next;
+            sleep.as_mut().reset(deadline);
+        }
+    };
+
+    node.hub.unregister(id);
+    let code = outbound
+        .close_requested()
+        .map_or(ABNORMAL_CLOSE, |c| c.code);
+    node.metrics.count_close(code);
+    debug!(session = id, close = code, writer = ?writer_end, "session closed");
+    drop(slot);
+}
+
+/// Let the writer send what is queued and the close frame; its every write is bounded.
+async fn wait_writer(
+    writer: &mut std::pin::Pin<&mut tokio::task::JoinHandle<outbound::WriterEnd>>,
+    node: &Node,
+) -> Option<outbound::WriterEnd> {
+    tokio::select! {
+        end = writer.as_mut() => end.ok(),
+        () = node.hard_stop.cancelled() => None,
+    }
+}
+
+impl Session {
+    fn send(&self, frame: &ServerFrame<'_>) {
+        let json = Bytes::from(frame.to_json());
+        self.outbound
+            .push(Outgoing::Text { json, since: None }, &self.node.metrics);
+    }
+
+    fn send_error(&self, code: ErrorCode, message: &str) {
+        self.send(&ServerFrame::Error { code, message });
+    }
+
+    fn close(&self, code: CloseCode, reason: &'static str) -> Flow {
+        self.outbound.close(code, reason);
+        Flow::Stop
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let auth = match self.auth {
+            Auth::Valid { expires_at } => expires_at,
+            Auth::Grace { close_at } => close_at,
+        };
+        let mut next = self.next_ping_at.min(auth);
+        if self.pending_fix.is_some() {
+            next = next.min(self.rate.next_token_at());
+        }
+        next
+    }
+
+    fn on_timer(&mut self, now: Instant) -> Flow {
+        if now >= self.next_ping_at {
+            if now.saturating_duration_since(self.last_seen) >= self.node.config.idle_timeout() {
+                debug!(
+                    session = self.id,
+                    "no sign of life for two heartbeats; dropping"
+                );
+                self.outbound.abandon();
+                return Flow::Stop;
+            }
+            self.outbound.push(Outgoing::Ping, &self.node.metrics);
+            self.next_ping_at = now + self.node.config.heartbeat();
+        }
+        match self.auth {
+            Auth::Valid { expires_at } if now >= expires_at => {
+                self.send_error(
+                    ErrorCode::TokenExpired,
+                    "token expired: send refresh with a new token",
+                );
+                self.auth = Auth::Grace {
+                    close_at: now + self.node.config.token_grace(),
+                };
+            }
+            Auth::Grace { close_at } if now >= close_at => {
+                info!(session = self.id, user = %self.user, "token expired and was not refreshed");
+                return self.close(CloseCode::Auth, "token expired");
+            }
+            _ => {}
+        }
+        if self.pending_fix.is_some()
+            && self.rate.try_take(now)
+            && let Some(fix) = self.pending_fix.take()
+        {
+            self.process_fix(fix);
+        }
+        Flow::Continue
+    }
+
+    fn on_read_error(&mut self, error: WebSocketError) -> Flow {
+        match error {
+            WebSocketError::FrameTooLarge => {
+                self.node.metrics.count_bad_frame(ErrorCode::TooLarge);
+                let message = format!("frame exceeds {} bytes", self.node.config.max_frame_bytes);
+                self.send_error(ErrorCode::TooLarge, &message);
+                self.close(CloseCode::TooBig, "frame too large")
+            }
+            WebSocketError::InvalidUTF8 => self.close(CloseCode::InvalidPayload, "invalid UTF-8"),
+            WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) => {
+                debug!(session = self.id, error = %error, "peer went away");
+                self.outbound.abandon();
+                Flow::Stop
+            }
+            other => {
+                debug!(session = self.id, error = %other, "protocol error");
+                self.close(CloseCode::ProtocolError, "protocol error")
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: InFrame) -> Flow {
+        self.last_seen = Instant::now();
+        self.node.metrics.frames_in.inc();
+        let InFrame {
+            fin,
+            opcode,
+            payload,
+        } = frame;
+        match opcode {
+            OpCode::Ping => {
+                self.outbound
+                    .push(Outgoing::Pong(payload.freeze()), &self.node.metrics);
+                Flow::Continue
+            }
+            OpCode::Pong => Flow::Continue,
+            OpCode::Close => {
+                // Echo the client's close (1000 when it sent no valid code) and stop.
+                let code = match payload.get(..2) {
+                    Some(&[a, b]) => u16::from_be_bytes([a, b]),
+                    _ => CloseCode::Normal.as_u16(),
+                };
+                let echoed = if (1000..=4999).contains(&code) {
+                    code
+                } else {
+                    CloseCode::Normal.as_u16()
+                };
+                self.outbound.close_raw(echoed, "");
+                Flow::Stop
+            }
+            OpCode::Text | OpCode::Binary if fin => {
+                if self.partial.is_some() {
+                    return self.close(
+                        CloseCode::ProtocolError,
+                        "new message inside a fragmented one",
+                    );
+                }
+                self.on_message(opcode, payload)
+            }
+            OpCode::Text | OpCode::Binary => {
+                if self.partial.is_some() {
+                    return self.close(
+                        CloseCode::ProtocolError,
+                        "new message inside a fragmented one",
+                    );
+                }
+                self.partial = Some((opcode, payload));
+                Flow::Continue
+            }
+            OpCode::Continuation => {
+                let Some((first, mut message)) = self.partial.take() else {
+                    return self.close(CloseCode::ProtocolError, "continuation without a message");
+                };
+                if message.len() + payload.len() > self.node.config.max_frame_bytes {
+                    self.node.metrics.count_bad_frame(ErrorCode::TooLarge);
+                    return self.close(CloseCode::TooBig, "message too large");
+                }
+                message.extend_from_slice(&payload);
+                if fin {
+                    self.on_message(first, message)
+                } else {
+                    self.partial = Some((first, message));
+                    Flow::Continue
+                }
+            }
+        }
+    }
+
+    /// A complete message.
+    fn on_message(&mut self, opcode: OpCode, payload: BytesMut) -> Flow {
+        if opcode == OpCode::Binary {
+            return self.bad_frame(
+                ErrorCode::BinaryNotSupported,
+                "binary frames are not part of protocol v1; send JSON text",
+            );
+        }
+        if std::str::from_utf8(&payload).is_err() {
+            return self.close(CloseCode::InvalidPayload, "invalid UTF-8");
+        }
+        match decode_client_frame(&payload) {
+            Ok(frame) => self.on_client_frame(frame),
+            Err(e) => self.bad_frame(e.code(), &e.to_string()),
+        }
+    }
+
+    /// Answer a bad frame; too many in a minute closes with 4008.
+    fn bad_frame(&mut self, code: ErrorCode, message: &str) -> Flow {
+        self.node.metrics.count_bad_frame(code);
+        debug!(
+            session = self.id,
+            code = code.as_str(),
+            message,
+            "bad frame"
+        );
+        self.send_error(code, message);
+        let now = Instant::now();
+        if now.saturating_duration_since(self.bad_window_start) >= Duration::from_secs(60) {
+            self.bad_window_start = now;
+            self.bad_in_window = 0;
+        }
+        self.bad_in_window += 1;
+        if self.bad_in_window > self.node.config.max_bad_frames_per_minute {
+            info!(session = self.id, user = %self.user, "too many bad frames");
+            return self.close(CloseCode::Policy, "too many bad frames");
+        }
+        Flow::Continue
+    }
+
+    fn on_client_frame(&mut self, frame: ClientFrame) -> Flow {
+        match frame {
+            ClientFrame::Location(location) => self.on_location(&location),
+            ClientFrame::Ping { id } => {
+                self.send(&ServerFrame::Pong { id: id.as_ref() });
+                Flow::Continue
+            }
+            ClientFrame::Subscribe { topic } => {
+                match self
+                    .node
+                    .hub
+                    .subscribe(self.id, &topic, self.node.config.max_topics)
+                {
+                    Ok(()) => Flow::Continue,
+                    Err(SubscribeError::TooManyTopics) => {
+                        let message =
+                            format!("at most {} topics per session", self.node.config.max_topics);
+                        self.bad_frame(ErrorCode::TooManySubscriptions, &message)
+                    }
+                    Err(SubscribeError::UnknownSession) => Flow::Continue,
+                }
+            }
+            ClientFrame::Unsubscribe { topic } => {
+                self.node.hub.unsubscribe(self.id, &topic);
+                Flow::Continue
+            }
+            ClientFrame::Refresh { token } => self.on_refresh(&token),
+            ClientFrame::Ack { ids } => {
+                // Durable per-user delivery (and so acks) arrives with the Redis inbox.
+                debug!(session = self.id, acked = ids.len(), "ack");
+                Flow::Continue
+            }
+            ClientFrame::Resume { after } => {
+                debug!(
+                    session = self.id,
+                    after, "resume (no durable inbox on this node)"
+                );
+                Flow::Continue
+            }
+        }
+    }
+
+    fn on_refresh(&mut self, token: &str) -> Flow {
+        match self.node.verifier.verify(token) {
+            Ok(claims) if *claims.sub == *self.user => {
+                self.auth = Auth::Valid {
+                    expires_at: expiry_instant(&claims),
+                };
+                Flow::Continue
+            }
+            Ok(_) => self.bad_frame(ErrorCode::TokenInvalid, "refresh token is for another user"),
+            Err(e) => self.bad_frame(ErrorCode::TokenInvalid, &e.to_string()),
+        }
+    }
+
+    /// The per-fix path: validate, rate limit (coalescing), index.
+    fn on_location(&mut self, location: &LocationFrame) -> Flow {
+        let fix = match Fix::validate(location, unix_ms(), self.node.fix_policy) {
+            Ok(fix) => fix,
+            Err(e) => return self.bad_frame(ErrorCode::InvalidFix, &e.to_string()),
+        };
+        let now = Instant::now();
+        let config = &self.node.config;
+        if self
+            .rate
+            .count_arrival(now, config.fix_flood_factor, config.fix_flood_seconds)
+        {
+            info!(session = self.id, user = %self.user, "persistent fix flood");
+            return self.close(CloseCode::Policy, "fix flood");
+        }
+        if self.pending_fix.is_none() && self.rate.try_take(now) {
+            self.process_fix(fix);
+            return Flow::Continue;
+        }
+        if self.pending_fix.replace(fix).is_some() {
+            self.node.metrics.fixes_coalesced.inc();
+        }
+        let warn_due = self
+            .rate
+            .warned_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
+        if warn_due {
+            self.rate.warned_at = Some(now);
+            let message = format!(
+                "more than {} fixes/s: only the latest is processed",
+                config.max_fixes_per_second
+            );
+            self.node.metrics.count_bad_frame(ErrorCode::RateLimited);
+            self.send_error(ErrorCode::RateLimited, &message);
+        }
+        Flow::Continue
+    }
+
+    fn process_fix(&mut self, fix: Fix) {
+        if fix.ts_ms < self.last_fix_ts {
+            return;
+        }
+        self.last_fix_ts = fix.ts_ms;
+        self.node.hub.update_position(self.id, &fix);
+        self.node.metrics.fixes.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_length_counts_header_mask_and_payload() {
+        assert_eq!(wire_len(0), 6);
+        assert_eq!(wire_len(125), 131);
+        assert_eq!(wire_len(126), 134);
+        assert_eq!(wire_len(70_000), 70_014);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fix_rate_coalesces_and_detects_floods() {
+        let start = Instant::now();
+        let mut rate = FixRate::new(5, start);
+        let taken = (0..10).filter(|_| rate.try_take(start)).count();
+        assert_eq!(taken, 5, "a burst of one second's worth");
+        assert!(rate.next_token_at() > start);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(rate.try_take(Instant::now()), "a token per 200 ms");
+
+        let mut flood = FixRate::new(5, Instant::now());
+        let mut closed_after = None;
+        for second in 0..5 {
+            for _ in 0..60 {
+                if flood.count_arrival(Instant::now(), 10, 3) && closed_after.is_none() {
+                    closed_after = Some(second);
+                }
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(
+            closed_after,
+            Some(3),
+            "three full flooding seconds, detected in the fourth"
+        );
+
+        let mut calm = FixRate::new(5, Instant::now());
+        for _ in 0..10 {
+            for _ in 0..40 {
+                assert!(!calm.count_arrival(Instant::now(), 10, 3));
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+    }
+}

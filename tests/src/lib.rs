@@ -1,0 +1,1 @@
+//! Support library for geopush integration tests.
