@@ -171,7 +171,8 @@ impl TokenVerifier {
 
     /// Seconds until the token's `exp` (negative when already past).
     pub fn seconds_left(claims: &Claims) -> i64 {
-        claims.exp as i64 - now_unix() as i64
+        let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
+        exp.saturating_sub(now_unix() as i64)
     }
 }
 

@@ -82,7 +82,8 @@ fn configure_reader(read: &mut WebSocketRead<SocketReader>, max_frame_bytes: usi
     // Pings and closes are answered by the session through its writer.
     read.set_auto_pong(false);
     read.set_auto_close(false);
-    read.set_max_message_size(max_frame_bytes);
+    // fastwebsockets refuses payloads >= the limit; ours is inclusive.
+    read.set_max_message_size(max_frame_bytes + 1);
 }
 
 /// Read one frame, building a parser first if the session was idle.
@@ -226,9 +227,12 @@ struct Session {
     partial: Option<(OpCode, BytesMut)>,
 }
 
+/// Longest token lifetime the session timer honours; a later `exp` is treated as this.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+
 fn expiry_instant(claims: &Claims) -> Instant {
-    let left = TokenVerifier::seconds_left(claims);
-    Instant::now() + Duration::from_secs(left.max(0) as u64)
+    let left = Duration::from_secs(TokenVerifier::seconds_left(claims).max(0) as u64);
+    Instant::now() + left.min(MAX_TOKEN_LIFETIME)
 }
 
 /// Run a session on an upgraded connection until it ends. Holds the connection slot.
