@@ -11,11 +11,13 @@ pub mod area;
 pub mod codes;
 pub mod fix;
 pub mod frames;
+pub mod place;
 
 pub use area::{Area, AreaError, Circle, Polygon};
 pub use codes::{CloseCode, ErrorCode};
 pub use fix::{Fix, FixError, FixPolicy};
 pub use frames::{ClientFrame, DecodeError, ServerFrame, decode_client_frame};
+pub use place::{Place, PlaceError, PlaceFence};
 
 /// Mean Earth radius in metres (IUGG), the sphere every distance in geopush is measured on.
 pub const EARTH_RADIUS_M: f64 = 6_371_008.8;

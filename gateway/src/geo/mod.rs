@@ -5,8 +5,11 @@
 //! unit vectors is exact, and the antimeridian and the poles are not special cases.
 
 pub mod clients;
+pub mod fences;
+pub mod places;
 
 pub use clients::ClientIndex;
+pub use places::{PlacesReplica, PlacesSnapshot};
 
 use geopush_proto::EARTH_RADIUS_M;
 
