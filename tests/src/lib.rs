@@ -1,1 +1,34 @@
-//! Support library for geopush integration tests.
+//! Support library for the geopush integration tests.
+//!
+//! Everything here talks to real components over loopback: an in-process gateway on port 0
+//! ([`gateway::TestGateway`]), the real `geopush-gateway` binary as a child process
+//! ([`process::GatewayProcess`]), real WebSocket clients ([`client::WsClient`], and
+//! [`raw::RawWsClient`] for frames a conforming library refuses to send), real HTTP
+//! ([`http`]). Nothing is mocked.
+//!
+//! Waiting is always on a condition with a bounded timeout ([`wait::eventually`]), never a
+//! fixed sleep; reads always carry a timeout.
+
+pub mod client;
+pub mod gateway;
+pub mod geometry;
+pub mod http;
+pub mod process;
+pub mod prom;
+pub mod raw;
+pub mod tokens;
+pub mod wait;
+
+pub use client::{WsClient, WsEvent};
+pub use gateway::{TestGateway, test_config};
+pub use process::GatewayProcess;
+pub use raw::RawWsClient;
+
+use std::time::Duration;
+
+/// The default bound on a single read in tests: generous for a loaded 2-core machine, still
+/// far below the harness's patience.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bound for "wait until this becomes true" loops.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
