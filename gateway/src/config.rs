@@ -90,6 +90,45 @@ pub struct Config {
     #[arg(long, env = "GEOPUSH_TOKEN_GRACE_SECONDS", default_value_t = 30.0)]
     pub token_grace_seconds: f64,
 
+    /// Places to load at start: a GeoJSON FeatureCollection or NDJSON of Features. Bad rows
+    /// are logged with their position and skipped.
+    #[arg(long, env = "GEOPUSH_PLACES_FILE")]
+    pub places_file: Option<PathBuf>,
+
+    /// `nearby` radius when the client asks for none, metres.
+    #[arg(long, env = "GEOPUSH_NEARBY_RADIUS_M", default_value_t = 500.0)]
+    pub nearby_radius_m: f64,
+
+    /// Largest `nearby` radius a client may ask for, metres.
+    #[arg(long, env = "GEOPUSH_NEARBY_MAX_RADIUS_M", default_value_t = 5_000.0)]
+    pub nearby_max_radius_m: f64,
+
+    /// `nearby` result count when the client asks for none.
+    #[arg(long, env = "GEOPUSH_NEARBY_LIMIT", default_value_t = 20)]
+    pub nearby_limit: u32,
+
+    /// Largest `nearby` result count a client may ask for.
+    #[arg(long, env = "GEOPUSH_NEARBY_MAX_LIMIT", default_value_t = 100)]
+    pub nearby_max_limit: u32,
+
+    /// A client must move this far (metres) before `nearby` is computed again (unless its
+    /// radius or limit changed, or the places changed).
+    #[arg(long, env = "GEOPUSH_NEARBY_MIN_MOVE_M", default_value_t = 25.0)]
+    pub nearby_min_move_m: f64,
+
+    /// Fixes less accurate than this (metres) do not change geofence state.
+    #[arg(long, env = "GEOPUSH_FENCE_MAX_ACCURACY_M", default_value_t = 100.0)]
+    pub fence_max_accuracy_m: f64,
+
+    /// Smallest distance (metres) a client must be outside a fence to exit it; the fix's
+    /// accuracy is used when larger.
+    #[arg(long, env = "GEOPUSH_FENCE_EXIT_MARGIN_M", default_value_t = 15.0)]
+    pub fence_exit_margin_m: f64,
+
+    /// Geofence events the in-memory sink keeps (single-node mode).
+    #[arg(long, env = "GEOPUSH_GEOFENCE_EVENT_BUFFER", default_value_t = 10_000)]
+    pub geofence_event_buffer: usize,
+
     /// Most concurrent WebSocket sessions; upgrades past it get HTTP 503.
     #[arg(long, env = "GEOPUSH_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
@@ -239,6 +278,32 @@ impl Config {
         at_least_one("fix_flood_factor", self.fix_flood_factor)?;
         at_least_one("fix_flood_seconds", self.fix_flood_seconds)?;
         at_least_one("max_bad_frames_per_minute", self.max_bad_frames_per_minute)?;
+        for (field, value) in [
+            ("nearby_radius_m", self.nearby_radius_m),
+            ("nearby_max_radius_m", self.nearby_max_radius_m),
+            ("fence_max_accuracy_m", self.fence_max_accuracy_m),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ConfigError {
+                    field,
+                    reason: format!("must be a positive number of metres, got {value}"),
+                });
+            }
+        }
+        for (field, value) in [
+            ("nearby_min_move_m", self.nearby_min_move_m),
+            ("fence_exit_margin_m", self.fence_exit_margin_m),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(ConfigError {
+                    field,
+                    reason: format!("must be a number of metres >= 0, got {value}"),
+                });
+            }
+        }
+        at_least_one("nearby_limit", self.nearby_limit)?;
+        at_least_one("nearby_max_limit", self.nearby_max_limit)?;
+        at_least_one("geofence_event_buffer", self.geofence_event_buffer)?;
         if self.max_frame_bytes < 256 {
             return Err(ConfigError {
                 field: "max_frame_bytes",

@@ -36,7 +36,16 @@ pub enum GatewayError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Keys(#[from] KeyError),
+    #[error("cannot read places file {path}: {source}")]
+    PlacesFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// Most rejected place rows logged one by one at start; the rest are counted.
+const MAX_REJECTED_ROWS_LOGGED: usize = 100;
 
 /// A gateway node. Cheap to clone; every clone is the same node.
 #[derive(Clone)]
@@ -53,9 +62,46 @@ impl Gateway {
             .node_id
             .clone()
             .unwrap_or_else(|| format!("gw-{:08x}", rand::random::<u32>()));
+        let node = Node::new(config, verifier, node_id);
+        if let Some(path) = &node.config.places_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| GatewayError::PlacesFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            let report = node.places.load_text(&text);
+            for row in report.rejected.iter().take(MAX_REJECTED_ROWS_LOGGED) {
+                warn!(file = %path.display(), unit = row.unit, position = row.position, reason = %row.reason, "place rejected");
+            }
+            info!(file = %path.display(), loaded = report.loaded, rejected = report.rejected.len(), "places loaded");
+        }
+        node.metrics.places.set(node.places.snapshot().len() as i64);
         Ok(Gateway {
-            node: Arc::new(Node::new(config, verifier, node_id)),
+            node: Arc::new(node),
         })
+    }
+
+    /// Every place this node knows.
+    pub fn places(&self) -> &geo::PlacesReplica {
+        &self.node.places
+    }
+
+    /// Replace every place (single-node mode; the bus keeps replicas in sync later).
+    pub fn replace_places(&self, places: Vec<geopush_proto::Place>) {
+        self.node.places.replace(places);
+        self.node
+            .metrics
+            .places
+            .set(self.node.places.snapshot().len() as i64);
+    }
+
+    /// Geofence events kept by the in-memory sink, oldest first (single-node mode).
+    pub fn geofence_events(&self) -> Vec<geo::fences::GeofenceRecord> {
+        self.node
+            .memory_sink
+            .as_ref()
+            .map(|s| s.recent())
+            .unwrap_or_default()
     }
 
     /// Deliver to this node's sessions.

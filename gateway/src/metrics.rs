@@ -35,6 +35,9 @@ pub struct Metrics {
     pub frames_out: Counter,
     /// Frames queued to sessions, by kind (`notification`, `nearby`, …).
     pub deliveries: Family<KindLabel, Counter>,
+    /// `deliveries{kind="nearby"}` and `{kind="geofence"}`, held for the per-fix path.
+    pub nearby_deliveries: Counter,
+    pub geofence_deliveries: Counter,
     /// Delivery call → frame written to the socket.
     pub delivery_seconds: Histogram,
     /// Frames dropped from outbound queues (coalesced `nearby` and queues of closed slow
@@ -64,13 +67,25 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
+        let deliveries = Family::<KindLabel, Counter>::default();
+        let nearby_deliveries = deliveries
+            .get_or_create(&KindLabel { kind: "nearby" })
+            .clone();
+        let geofence_deliveries = deliveries
+            .get_or_create(&KindLabel { kind: "geofence" })
+            .clone();
+        let _ = deliveries.get_or_create(&KindLabel {
+            kind: "notification",
+        });
         let metrics = Metrics {
+            nearby_deliveries,
+            geofence_deliveries,
             connections: Gauge::default(),
             fixes: Counter::default(),
             fixes_coalesced: Counter::default(),
             frames_in: Counter::default(),
             frames_out: Counter::default(),
-            deliveries: Family::default(),
+            deliveries,
             delivery_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             queue_drops: Counter::default(),
             closes: Family::default(),

@@ -2,6 +2,8 @@
 
 use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::geo::PlacesReplica;
+use crate::geo::fences::{FenceRules, GeofenceSink, MemorySink};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use geopush_proto::FixPolicy;
@@ -22,6 +24,13 @@ pub struct Node {
     /// Announced to every client in `welcome`.
     pub limits: SessionLimits,
     pub fix_policy: FixPolicy,
+    /// Every place, for `nearby` and geofences.
+    pub places: PlacesReplica,
+    pub fence_rules: FenceRules,
+    /// Where geofence events go besides the client.
+    pub geofence_sink: Arc<dyn GeofenceSink>,
+    /// The in-memory sink, when that is the sink (single-node mode).
+    pub memory_sink: Option<Arc<MemorySink>>,
     /// True once shutdown began: readiness fails, upgrades are refused.
     pub draining: AtomicBool,
     /// Sessions holding a slot (upgrades accepted and not yet ended).
@@ -45,7 +54,16 @@ impl Node {
             max_future_ms: (config.fix_max_future_seconds as i64).saturating_mul(1000),
             ..FixPolicy::default()
         };
+        let fence_rules = FenceRules {
+            max_accuracy_m: config.fence_max_accuracy_m,
+            exit_margin_floor_m: config.fence_exit_margin_m,
+        };
+        let memory_sink = Arc::new(MemorySink::new(config.geofence_event_buffer));
         Node {
+            places: PlacesReplica::new(),
+            fence_rules,
+            geofence_sink: memory_sink.clone(),
+            memory_sink: Some(memory_sink),
             hub: Hub::new(metrics.clone()),
             metrics,
             verifier,

@@ -103,7 +103,8 @@ impl Fix {
         if let Some(speed) = speed_mps.filter(|s| !(s.is_finite() && *s >= 0.0)) {
             return Err(FixError::Speed(speed));
         }
-        if let Some(heading) = heading_deg.filter(|h| !(h.is_finite() && (0.0..360.0).contains(h))) {
+        if let Some(heading) = heading_deg.filter(|h| !(h.is_finite() && (0.0..360.0).contains(h)))
+        {
             return Err(FixError::Heading(heading));
         }
         if let Some(radius) = radius_m.filter(|r| !(r.is_finite() && *r > 0.0)) {

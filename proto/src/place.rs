@@ -82,8 +82,14 @@ fn point_of(geometry: Option<&Value>) -> Option<(f64, f64)> {
         return None;
     }
     let coordinates = geometry.get("coordinates")?.as_array()?;
-    let (lon, lat) = (coordinates.first()?.as_f64()?, coordinates.get(1)?.as_f64()?);
-    let valid = lat.is_finite() && lon.is_finite() && (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon);
+    let (lon, lat) = (
+        coordinates.first()?.as_f64()?,
+        coordinates.get(1)?.as_f64()?,
+    );
+    let valid = lat.is_finite()
+        && lon.is_finite()
+        && (-90.0..=90.0).contains(&lat)
+        && (-180.0..=180.0).contains(&lon);
     valid.then_some((lat, lon))
 }
 
@@ -109,16 +115,20 @@ fn fence_of(value: &Value) -> Result<PlaceFence, PlaceError> {
 impl Place {
     /// Parse and validate one GeoJSON Feature.
     pub fn from_feature_json(text: &str) -> Result<Place, PlaceError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| PlaceError::NotAFeature(e.to_string()))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| PlaceError::NotAFeature(e.to_string()))?;
         Place::from_feature(&value)
     }
 
     /// Validate one GeoJSON Feature value.
     pub fn from_feature(value: &Value) -> Result<Place, PlaceError> {
-        let feature: FeatureIn =
-            serde_json::from_value(value.clone()).map_err(|e| PlaceError::NotAFeature(e.to_string()))?;
+        let feature: FeatureIn = serde_json::from_value(value.clone())
+            .map_err(|e| PlaceError::NotAFeature(e.to_string()))?;
         if feature.kind != "Feature" {
-            return Err(PlaceError::NotAFeature(format!("type is {:?}, not \"Feature\"", feature.kind)));
+            return Err(PlaceError::NotAFeature(format!(
+                "type is {:?}, not \"Feature\"",
+                feature.kind
+            )));
         }
         let id = match feature.id {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_PLACE_ID_LEN => s,
@@ -127,7 +137,11 @@ impl Place {
         };
         let (lat, lon) = point_of(feature.geometry.as_ref()).ok_or(PlaceError::BadPoint)?;
         let properties = feature.properties.unwrap_or_default();
-        let name = properties.get("name").and_then(Value::as_str).unwrap_or(&id).to_owned();
+        let name = properties
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or(&id)
+            .to_owned();
         let tags = match properties.get("tags") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(tags)) => tags.clone(),
@@ -140,14 +154,25 @@ impl Place {
         let dwell_s = match properties.get("dwell_s") {
             None | Some(Value::Null) => None,
             Some(value) => {
-                let dwell = value.as_u64().filter(|d| (1..=u64::from(MAX_DWELL_S)).contains(d)).ok_or(PlaceError::BadDwell)?;
+                let dwell = value
+                    .as_u64()
+                    .filter(|d| (1..=u64::from(MAX_DWELL_S)).contains(d))
+                    .ok_or(PlaceError::BadDwell)?;
                 Some(dwell as u32)
             }
         };
         if dwell_s.is_some() && fence.is_none() {
             return Err(PlaceError::DwellWithoutFence);
         }
-        Ok(Place { id, name, lat, lon, tags, fence, dwell_s })
+        Ok(Place {
+            id,
+            name,
+            lat,
+            lon,
+            tags,
+            fence,
+            dwell_s,
+        })
     }
 
     /// The place as a GeoJSON Feature.
@@ -160,7 +185,10 @@ impl Place {
                 properties.insert("fence".into(), serde_json::json!({ "radius_m": radius_m }));
             }
             Some(PlaceFence::Polygon(polygon)) => {
-                properties.insert("fence".into(), serde_json::json!({ "type": "Polygon", "coordinates": polygon.rings }));
+                properties.insert(
+                    "fence".into(),
+                    serde_json::json!({ "type": "Polygon", "coordinates": polygon.rings }),
+                );
             }
             None => {}
         }
@@ -199,34 +227,49 @@ pub struct PlacesFile {
 pub fn parse_places_file(text: &str) -> PlacesFile {
     let mut out = PlacesFile::default();
     let mut seen = std::collections::HashSet::new();
-    let mut accept = |out: &mut PlacesFile, position: usize, unit: &'static str, parsed: Result<Place, PlaceError>| {
+    let mut accept = |out: &mut PlacesFile,
+                      position: usize,
+                      unit: &'static str,
+                      parsed: Result<Place, PlaceError>| {
         let parsed = parsed.and_then(|place| {
-            if seen.insert(place.id.clone()) { Ok(place) } else { Err(PlaceError::DuplicateId(place.id)) }
+            if seen.insert(place.id.clone()) {
+                Ok(place)
+            } else {
+                Err(PlaceError::DuplicateId(place.id))
+            }
         });
         match parsed {
             Ok(place) => out.places.push(place),
-            Err(e) => out.rejected.push(RejectedRow { position, unit, reason: e.to_string() }),
+            Err(e) => out.rejected.push(RejectedRow {
+                position,
+                unit,
+                reason: e.to_string(),
+            }),
         }
     };
     let trimmed = text.trim_start();
-    if trimmed.starts_with('{') {
-        if let Ok(Value::Object(collection)) = serde_json::from_str::<Value>(trimmed) {
-            if collection.get("type").and_then(Value::as_str) == Some("FeatureCollection") {
-                match collection.get("features").and_then(Value::as_array) {
-                    Some(features) => {
-                        for (index, feature) in features.iter().enumerate() {
-                            accept(&mut out, index, "feature", Place::from_feature(feature));
-                        }
-                    }
-                    None => out.rejected.push(RejectedRow {
-                        position: 0,
-                        unit: "feature",
-                        reason: "FeatureCollection has no features array".into(),
-                    }),
-                }
-                return out;
-            }
+    let collection = match serde_json::from_str::<Value>(trimmed) {
+        Ok(Value::Object(object))
+            if object.get("type").and_then(Value::as_str) == Some("FeatureCollection") =>
+        {
+            Some(object)
         }
+        _ => None,
+    };
+    if let Some(collection) = collection {
+        match collection.get("features").and_then(Value::as_array) {
+            Some(features) => {
+                for (index, feature) in features.iter().enumerate() {
+                    accept(&mut out, index, "feature", Place::from_feature(feature));
+                }
+            }
+            None => out.rejected.push(RejectedRow {
+                position: 0,
+                unit: "feature",
+                reason: "FeatureCollection has no features array".into(),
+            }),
+        }
+        return out;
     }
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -250,7 +293,10 @@ mod tests {
         assert_eq!((place.lat, place.lon), (52.52, 13.405));
         assert_eq!(place.fence, Some(PlaceFence::Circle { radius_m: 150.0 }));
         assert_eq!(place.dwell_s, Some(300));
-        assert_eq!(Place::from_feature(&place.to_feature()).expect("round trip"), place);
+        assert_eq!(
+            Place::from_feature(&place.to_feature()).expect("round trip"),
+            place
+        );
     }
 
     #[test]
@@ -281,7 +327,9 @@ mod tests {
         assert_eq!(lines, [2, 3, 5, 6, 7]);
         assert!(file.rejected[3].reason.contains("duplicate"));
 
-        let collection = format!(r#"{{"type":"FeatureCollection","features":[{CAFE},{{"type":"Feature","id":"x","geometry":null}}]}}"#);
+        let collection = format!(
+            r#"{{"type":"FeatureCollection","features":[{CAFE},{{"type":"Feature","id":"x","geometry":null}}]}}"#
+        );
         let file = parse_places_file(&collection);
         assert_eq!(file.places.len(), 1);
         assert_eq!(file.rejected[0].position, 1);

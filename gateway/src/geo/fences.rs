@@ -81,8 +81,17 @@ impl FenceTracker {
     }
 
     /// Apply a validated fix; push the enter and exit events it causes.
-    pub fn on_fix(&mut self, fix: &Fix, places: &PlacesSnapshot, rules: &FenceRules, now: Instant, events: &mut Vec<FenceEvent>) {
-        if fix.accuracy_m > rules.max_accuracy_m || self.last_ts.is_some_and(|last| fix.ts_ms < last) {
+    pub fn on_fix(
+        &mut self,
+        fix: &Fix,
+        places: &PlacesSnapshot,
+        rules: &FenceRules,
+        now: Instant,
+        events: &mut Vec<FenceEvent>,
+    ) {
+        if fix.accuracy_m > rules.max_accuracy_m
+            || self.last_ts.is_some_and(|last| fix.ts_ms < last)
+        {
             return;
         }
         self.last_ts = Some(fix.ts_ms);
@@ -94,7 +103,11 @@ impl FenceTracker {
             };
             match fence.side(fix.lat, fix.lon) {
                 FenceSide::Outside(beyond) if beyond > margin => {
-                    events.push(FenceEvent { kind: GeofenceEvent::Exit, place: m.index, ts_ms: fix.ts_ms });
+                    events.push(FenceEvent {
+                        kind: GeofenceEvent::Exit,
+                        place: m.index,
+                        ts_ms: fix.ts_ms,
+                    });
                     false
                 }
                 _ => true,
@@ -109,19 +122,32 @@ impl FenceTracker {
                 continue;
             };
             if fence.side(fix.lat, fix.lon) == FenceSide::Inside {
-                events.push(FenceEvent { kind: GeofenceEvent::Enter, place: index, ts_ms: fix.ts_ms });
+                events.push(FenceEvent {
+                    kind: GeofenceEvent::Enter,
+                    place: index,
+                    ts_ms: fix.ts_ms,
+                });
                 self.inside.push(Membership {
                     place_id: entry.place.id.as_str().into(),
                     index,
                     version: places.version,
-                    dwell_due: entry.place.dwell_s.map(|s| now + Duration::from_secs(u64::from(s))),
+                    dwell_due: entry
+                        .place
+                        .dwell_s
+                        .map(|s| now + Duration::from_secs(u64::from(s))),
                 });
             }
         }
     }
 
     /// Push a `dwell` event for every membership whose dwell time has passed.
-    pub fn on_timer(&mut self, places: &PlacesSnapshot, now: Instant, now_ms: i64, events: &mut Vec<FenceEvent>) {
+    pub fn on_timer(
+        &mut self,
+        places: &PlacesSnapshot,
+        now: Instant,
+        now_ms: i64,
+        events: &mut Vec<FenceEvent>,
+    ) {
         if self.next_dwell_at().is_none_or(|due| due > now) {
             return;
         }
@@ -129,7 +155,11 @@ impl FenceTracker {
         for m in &mut self.inside {
             if m.dwell_due.is_some_and(|due| due <= now) {
                 m.dwell_due = None;
-                events.push(FenceEvent { kind: GeofenceEvent::Dwell, place: m.index, ts_ms: now_ms });
+                events.push(FenceEvent {
+                    kind: GeofenceEvent::Dwell,
+                    place: m.index,
+                    ts_ms: now_ms,
+                });
             }
         }
     }
@@ -161,12 +191,20 @@ pub struct MemorySink {
 
 impl MemorySink {
     pub fn new(capacity: usize) -> MemorySink {
-        MemorySink { capacity, events: Mutex::new(VecDeque::new()) }
+        MemorySink {
+            capacity,
+            events: Mutex::new(VecDeque::new()),
+        }
     }
 
     /// The events kept, oldest first.
     pub fn recent(&self) -> Vec<GeofenceRecord> {
-        self.events.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -188,7 +226,10 @@ mod tests {
     use geopush_proto::{EARTH_RADIUS_M, Polygon};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    const RULES: FenceRules = FenceRules { max_accuracy_m: 100.0, exit_margin_floor_m: 10.0 };
+    const RULES: FenceRules = FenceRules {
+        max_accuracy_m: 100.0,
+        exit_margin_floor_m: 10.0,
+    };
     const CENTER: (f64, f64) = (52.52, 13.405);
     const RADIUS_M: f64 = 200.0;
 
@@ -207,7 +248,16 @@ mod tests {
     }
 
     fn fix(lat: f64, lon: f64, accuracy_m: f64, ts_ms: i64) -> Fix {
-        Fix { lat, lon, accuracy_m, ts_ms, speed_mps: None, heading_deg: None, radius_m: None, limit: None }
+        Fix {
+            lat,
+            lon,
+            accuracy_m,
+            ts_ms,
+            speed_mps: None,
+            heading_deg: None,
+            radius_m: None,
+            limit: None,
+        }
     }
 
     /// The point `distance_m` from CENTER at `bearing` radians (small distances).
@@ -242,7 +292,13 @@ mod tests {
                 (lat + dlat.to_degrees(), lon + dlon.to_degrees())
             };
             ts += 1_000;
-            tracker.on_fix(&fix(nlat, nlon, accuracy, ts), &places, &RULES, Instant::now(), &mut events);
+            tracker.on_fix(
+                &fix(nlat, nlon, accuracy, ts),
+                &places,
+                &RULES,
+                Instant::now(),
+                &mut events,
+            );
             let inside_now = crate::geo::haversine_m(CENTER.0, CENTER.1, nlat, nlon) <= RADIUS_M;
             if inside_now != naive_inside {
                 naive_transitions += 1;
@@ -251,7 +307,10 @@ mod tests {
         }
         let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [GeofenceEvent::Enter, GeofenceEvent::Exit]);
-        assert!(naive_transitions > 10, "the naive test flaps ({naive_transitions} transitions)");
+        assert!(
+            naive_transitions > 10,
+            "the naive test flaps ({naive_transitions} transitions)"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -260,17 +319,33 @@ mod tests {
         let places = replica.snapshot();
         let mut tracker = FenceTracker::default();
         let mut events = Vec::new();
-        tracker.on_fix(&fix(CENTER.0, CENTER.1, 5.0, 1), &places, &RULES, Instant::now(), &mut events);
+        tracker.on_fix(
+            &fix(CENTER.0, CENTER.1, 5.0, 1),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
         assert_eq!(events.len(), 1);
         tokio::time::advance(Duration::from_secs(299)).await;
         tracker.on_timer(&places, Instant::now(), 2, &mut events);
         assert_eq!(events.len(), 1, "not yet");
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(tracker.next_dwell_at().is_some_and(|due| due <= Instant::now()));
+        assert!(
+            tracker
+                .next_dwell_at()
+                .is_some_and(|due| due <= Instant::now())
+        );
         tracker.on_timer(&places, Instant::now(), 3, &mut events);
         tokio::time::advance(Duration::from_secs(600)).await;
         tracker.on_timer(&places, Instant::now(), 4, &mut events);
-        tracker.on_fix(&fix(CENTER.0, CENTER.1, 5.0, 5), &places, &RULES, Instant::now(), &mut events);
+        tracker.on_fix(
+            &fix(CENTER.0, CENTER.1, 5.0, 5),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
         let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [GeofenceEvent::Enter, GeofenceEvent::Dwell]);
         assert_eq!(tracker.next_dwell_at(), None);
@@ -283,29 +358,90 @@ mod tests {
         let mut tracker = FenceTracker::default();
         let mut events = Vec::new();
         let far = offset(5_000.0, 0.0);
-        tracker.on_fix(&fix(CENTER.0, CENTER.1, 500.0, 10), &places, &RULES, Instant::now(), &mut events);
+        tracker.on_fix(
+            &fix(CENTER.0, CENTER.1, 500.0, 10),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
         assert!(events.is_empty(), "accuracy 500 m is worse than the bound");
-        tracker.on_fix(&fix(CENTER.0, CENTER.1, 5.0, 10), &places, &RULES, Instant::now(), &mut events);
-        tracker.on_fix(&fix(far.0, far.1, 5.0, 9), &places, &RULES, Instant::now(), &mut events);
+        tracker.on_fix(
+            &fix(CENTER.0, CENTER.1, 5.0, 10),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
+        tracker.on_fix(
+            &fix(far.0, far.1, 5.0, 9),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
         assert_eq!(events.len(), 1, "the older fix outside is ignored");
-        tracker.on_fix(&fix(far.0, far.1, 5.0, 11), &places, &RULES, Instant::now(), &mut events);
-        assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), [GeofenceEvent::Enter, GeofenceEvent::Exit]);
+        tracker.on_fix(
+            &fix(far.0, far.1, 5.0, 11),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
+        assert_eq!(
+            events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+            [GeofenceEvent::Enter, GeofenceEvent::Exit]
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn polygon_hole_is_outside() {
         let (lat, lon) = CENTER;
         let d = 0.01;
-        let ring = |s: f64| vec![[lon - s, lat - s], [lon + s, lat - s], [lon + s, lat + s], [lon - s, lat + s], [lon - s, lat - s]];
-        let replica = replica_with(PlaceFence::Polygon(Polygon { rings: vec![ring(d), ring(d / 4.0)] }), None);
+        let ring = |s: f64| {
+            vec![
+                [lon - s, lat - s],
+                [lon + s, lat - s],
+                [lon + s, lat + s],
+                [lon - s, lat + s],
+                [lon - s, lat - s],
+            ]
+        };
+        let replica = replica_with(
+            PlaceFence::Polygon(Polygon {
+                rings: vec![ring(d), ring(d / 4.0)],
+            }),
+            None,
+        );
         let places = replica.snapshot();
         let mut tracker = FenceTracker::default();
         let mut events = Vec::new();
-        tracker.on_fix(&fix(lat, lon, 5.0, 1), &places, &RULES, Instant::now(), &mut events);
+        tracker.on_fix(
+            &fix(lat, lon, 5.0, 1),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
         assert!(events.is_empty(), "the center is in the hole");
-        tracker.on_fix(&fix(lat + d / 2.0, lon, 5.0, 2), &places, &RULES, Instant::now(), &mut events);
+        tracker.on_fix(
+            &fix(lat + d / 2.0, lon, 5.0, 2),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
         assert_eq!(events.len(), 1, "between the rings is inside");
-        tracker.on_fix(&fix(lat, lon, 5.0, 3), &places, &RULES, Instant::now(), &mut events);
-        assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), [GeofenceEvent::Enter, GeofenceEvent::Exit]);
+        tracker.on_fix(
+            &fix(lat, lon, 5.0, 3),
+            &places,
+            &RULES,
+            Instant::now(),
+            &mut events,
+        );
+        assert_eq!(
+            events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+            [GeofenceEvent::Enter, GeofenceEvent::Exit]
+        );
     }
 }

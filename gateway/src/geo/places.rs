@@ -4,7 +4,9 @@
 //! Readers call [`PlacesReplica::snapshot`] and work on an immutable [`PlacesSnapshot`];
 //! an update builds a new snapshot with bulk loading and swaps it in atomically.
 
-use super::{UnitVector, chord_squared_for_metres, lat_lon_box_bounds, metres_between, unit_vector};
+use super::{
+    UnitVector, chord_squared_for_metres, lat_lon_box_bounds, metres_between, unit_vector,
+};
 use arc_swap::ArcSwap;
 use geo::{Contains, Coord, Distance, Euclidean, LineString, Point};
 use geopush_proto::frames::PlaceSummary;
@@ -29,11 +31,19 @@ pub enum FenceSide {
 /// A fence prepared for fast tests.
 #[derive(Clone, Debug)]
 pub enum CompiledFence {
-    Circle { center: UnitVector, radius_m: f64 },
+    Circle {
+        center: UnitVector,
+        radius_m: f64,
+    },
     /// The polygon in a local equirectangular plane in metres around `origin`: an affine
     /// map of lon/lat, so containment is exactly GeoJSON's, and distances are accurate for
     /// fences up to tens of kilometres.
-    Polygon { origin_lat: f64, origin_lon: f64, metres_per_lon_degree: f64, shape: geo::Polygon<f64> },
+    Polygon {
+        origin_lat: f64,
+        origin_lon: f64,
+        metres_per_lon_degree: f64,
+        shape: geo::Polygon<f64>,
+    },
 }
 
 const METRES_PER_LAT_DEGREE: f64 = EARTH_RADIUS_M * std::f64::consts::PI / 180.0;
@@ -41,12 +51,14 @@ const METRES_PER_LAT_DEGREE: f64 = EARTH_RADIUS_M * std::f64::consts::PI / 180.0
 impl CompiledFence {
     fn compile(place: &Place) -> Option<CompiledFence> {
         match place.fence.as_ref()? {
-            PlaceFence::Circle { radius_m } => {
-                Some(CompiledFence::Circle { center: unit_vector(place.lat, place.lon), radius_m: *radius_m })
-            }
+            PlaceFence::Circle { radius_m } => Some(CompiledFence::Circle {
+                center: unit_vector(place.lat, place.lon),
+                radius_m: *radius_m,
+            }),
             PlaceFence::Polygon(polygon) => {
                 let (origin_lat, origin_lon) = (place.lat, place.lon);
-                let metres_per_lon_degree = METRES_PER_LAT_DEGREE * origin_lat.to_radians().cos().max(1e-6);
+                let metres_per_lon_degree =
+                    METRES_PER_LAT_DEGREE * origin_lat.to_radians().cos().max(1e-6);
                 let project = |ring: &Vec<[f64; 2]>| {
                     LineString::new(
                         ring.iter()
@@ -59,7 +71,12 @@ impl CompiledFence {
                 };
                 let (outer, holes) = polygon.rings.split_first()?;
                 let shape = geo::Polygon::new(project(outer), holes.iter().map(project).collect());
-                Some(CompiledFence::Polygon { origin_lat, origin_lon, metres_per_lon_degree, shape })
+                Some(CompiledFence::Polygon {
+                    origin_lat,
+                    origin_lon,
+                    metres_per_lon_degree,
+                    shape,
+                })
             }
         }
     }
@@ -69,10 +86,22 @@ impl CompiledFence {
         match self {
             CompiledFence::Circle { center, radius_m } => {
                 let beyond = metres_between(center, &unit_vector(lat, lon)) - radius_m;
-                if beyond <= 0.0 { FenceSide::Inside } else { FenceSide::Outside(beyond) }
+                if beyond <= 0.0 {
+                    FenceSide::Inside
+                } else {
+                    FenceSide::Outside(beyond)
+                }
             }
-            CompiledFence::Polygon { origin_lat, origin_lon, metres_per_lon_degree, shape } => {
-                let point = Point::new((lon - origin_lon) * metres_per_lon_degree, (lat - origin_lat) * METRES_PER_LAT_DEGREE);
+            CompiledFence::Polygon {
+                origin_lat,
+                origin_lon,
+                metres_per_lon_degree,
+                shape,
+            } => {
+                let point = Point::new(
+                    (lon - origin_lon) * metres_per_lon_degree,
+                    (lat - origin_lat) * METRES_PER_LAT_DEGREE,
+                );
                 if shape.contains(&point) {
                     FenceSide::Inside
                 } else {
@@ -85,9 +114,14 @@ impl CompiledFence {
     /// A 3-D box holding every unit vector inside the fence.
     fn bounds(&self, place: &Place) -> (UnitVector, UnitVector) {
         match (self, &place.fence) {
-            (CompiledFence::Circle { center, radius_m }, _) => cap_bounds(center, radius_m / EARTH_RADIUS_M),
+            (CompiledFence::Circle { center, radius_m }, _) => {
+                cap_bounds(center, radius_m / EARTH_RADIUS_M)
+            }
             (_, Some(PlaceFence::Polygon(polygon))) => polygon_bounds(polygon),
-            _ => (unit_vector(place.lat, place.lon), unit_vector(place.lat, place.lon)),
+            _ => (
+                unit_vector(place.lat, place.lon),
+                unit_vector(place.lat, place.lon),
+            ),
         }
     }
 }
@@ -106,7 +140,8 @@ fn cap_bounds(center: &UnitVector, angle: f64) -> (UnitVector, UnitVector) {
 }
 
 fn polygon_bounds(polygon: &Polygon) -> (UnitVector, UnitVector) {
-    let (mut lat_min, mut lat_max, mut lon_min, mut lon_max) = (90.0f64, -90.0f64, 180.0f64, -180.0f64);
+    let (mut lat_min, mut lat_max, mut lon_min, mut lon_max) =
+        (90.0f64, -90.0f64, 180.0f64, -180.0f64);
     for [lon, lat] in polygon.rings.first().into_iter().flatten().copied() {
         lat_min = lat_min.min(lat);
         lat_max = lat_max.max(lat);
@@ -188,7 +223,9 @@ impl PlacesSnapshot {
                 distance_m: None,
                 tags: place.tags.clone(),
             };
-            let summary_json = serde_json::to_string(&summary).unwrap_or_else(|_| "{}".into()).into_boxed_str();
+            let summary_json = serde_json::to_string(&summary)
+                .unwrap_or_else(|_| "{}".into())
+                .into_boxed_str();
             let index = entries.len() as PlaceIndex;
             // Later duplicates replace earlier ones.
             by_id.insert(place.id.clone(), index);
@@ -205,7 +242,10 @@ impl PlacesSnapshot {
             .iter()
             .enumerate()
             .filter(|(i, e)| live(*i, e))
-            .map(|(i, e)| PlacePoint { position: e.position, index: i as PlaceIndex })
+            .map(|(i, e)| PlacePoint {
+                position: e.position,
+                index: i as PlaceIndex,
+            })
             .collect();
         let fences = entries
             .iter()
@@ -213,10 +253,19 @@ impl PlacesSnapshot {
             .filter(|(i, e)| live(*i, e))
             .filter_map(|(i, e)| {
                 let (lower, upper) = e.fence.as_ref()?.bounds(&e.place);
-                Some(FenceBox { bounds: AABB::from_corners(lower, upper), index: i as PlaceIndex })
+                Some(FenceBox {
+                    bounds: AABB::from_corners(lower, upper),
+                    index: i as PlaceIndex,
+                })
             })
             .collect();
-        PlacesSnapshot { version, by_id, points: RTree::bulk_load(points), fences: RTree::bulk_load(fences), entries }
+        PlacesSnapshot {
+            version,
+            by_id,
+            points: RTree::bulk_load(points),
+            fences: RTree::bulk_load(fences),
+            entries,
+        }
     }
 
     /// Number of places.
@@ -239,7 +288,13 @@ impl PlacesSnapshot {
 
     /// Places within `radius_m` great-circle metres of `center`, nearest first, at most
     /// `limit`. `out` is cleared and filled (reused to avoid allocating per fix).
-    pub fn nearby(&self, center: &UnitVector, radius_m: f64, limit: usize, out: &mut Vec<NearbyHit>) {
+    pub fn nearby(
+        &self,
+        center: &UnitVector,
+        radius_m: f64,
+        limit: usize,
+        out: &mut Vec<NearbyHit>,
+    ) {
         out.clear();
         let max_chord2 = chord_squared_for_metres(radius_m);
         for (point, chord2) in self.points.nearest_neighbor_iter_with_distance_2(center) {
@@ -247,13 +302,18 @@ impl PlacesSnapshot {
                 break;
             }
             let angle = 2.0 * (chord2.sqrt() / 2.0).min(1.0).asin();
-            out.push(NearbyHit { index: point.index, distance_m: angle * EARTH_RADIUS_M });
+            out.push(NearbyHit {
+                index: point.index,
+                distance_m: angle * EARTH_RADIUS_M,
+            });
         }
     }
 
     /// Places whose fence box holds the point (candidates for an exact fence test).
     pub fn fences_near(&self, position: &UnitVector) -> impl Iterator<Item = PlaceIndex> + '_ {
-        self.fences.locate_in_envelope_intersecting(&AABB::from_point(*position)).map(|f| f.index)
+        self.fences
+            .locate_in_envelope_intersecting(&AABB::from_point(*position))
+            .map(|f| f.index)
     }
 
     /// Every place (live entries only).
@@ -283,7 +343,10 @@ impl Default for PlacesReplica {
 
 impl PlacesReplica {
     pub fn new() -> PlacesReplica {
-        PlacesReplica { current: ArcSwap::from_pointee(PlacesSnapshot::build(Vec::new(), 0)), next_version: AtomicU64::new(1) }
+        PlacesReplica {
+            current: ArcSwap::from_pointee(PlacesSnapshot::build(Vec::new(), 0)),
+            next_version: AtomicU64::new(1),
+        }
     }
 
     /// The current snapshot. Lock-free; hold it for the duration of one fix.
@@ -294,7 +357,8 @@ impl PlacesReplica {
     /// Replace every place.
     pub fn replace(&self, places: Vec<Place>) {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
-        self.current.store(Arc::new(PlacesSnapshot::build(places, version)));
+        self.current
+            .store(Arc::new(PlacesSnapshot::build(places, version)));
     }
 
     /// Insert or replace some places and delete others, keeping the rest.
@@ -336,7 +400,13 @@ mod tests {
         }
     }
 
-    fn brute_force(places: &[Place], lat: f64, lon: f64, radius_m: f64, limit: usize) -> Vec<(String, f64)> {
+    fn brute_force(
+        places: &[Place],
+        lat: f64,
+        lon: f64,
+        radius_m: f64,
+        limit: usize,
+    ) -> Vec<(String, f64)> {
         let mut hits: Vec<_> = places
             .iter()
             .map(|p| (p.id.clone(), haversine_m(lat, lon, p.lat, p.lon)))
@@ -347,7 +417,12 @@ mod tests {
         hits
     }
 
-    fn check_against_brute_force(places: Vec<Place>, queries: &[(f64, f64)], radius_m: f64, limit: usize) {
+    fn check_against_brute_force(
+        places: Vec<Place>,
+        queries: &[(f64, f64)],
+        radius_m: f64,
+        limit: usize,
+    ) {
         let replica = PlacesReplica::new();
         replica.replace(places.clone());
         let snapshot = replica.snapshot();
@@ -358,7 +433,11 @@ mod tests {
             assert_eq!(hits.len(), want.len(), "count at ({lat}, {lon})");
             for (hit, (id, distance)) in hits.iter().zip(&want) {
                 // Equal distances may swap order; distances must agree to a millimetre.
-                assert!((hit.distance_m - distance).abs() < 1e-3, "{} vs {id} {distance}", hit.distance_m);
+                assert!(
+                    (hit.distance_m - distance).abs() < 1e-3,
+                    "{} vs {id} {distance}",
+                    hit.distance_m
+                );
             }
         }
     }
@@ -366,7 +445,13 @@ mod tests {
     #[test]
     fn nearby_equals_brute_force_on_random_data_across_the_antimeridian_and_poles() {
         let mut rng = StdRng::seed_from_u64(5);
-        let spots = [(0.0, 179.9), (0.0, -179.9), (89.9, 0.0), (-89.9, 120.0), (48.85, 2.35)];
+        let spots = [
+            (0.0, 179.9),
+            (0.0, -179.9),
+            (89.9, 0.0),
+            (-89.9, 120.0),
+            (48.85, 2.35),
+        ];
         let mut places = Vec::new();
         for i in 0..20_000 {
             let (lat0, lon0) = spots[i % spots.len()];
@@ -379,14 +464,24 @@ mod tests {
             }
             places.push(place(i, lat, lon));
         }
-        let queries = [(0.0, 180.0), (0.0, -179.95), (89.9, 0.0), (90.0, 0.0), (-89.9, 120.0), (48.85, 2.35)];
+        let queries = [
+            (0.0, 180.0),
+            (0.0, -179.95),
+            (89.9, 0.0),
+            (90.0, 0.0),
+            (-89.9, 120.0),
+            (48.85, 2.35),
+        ];
         check_against_brute_force(places.clone(), &queries, 500.0, 20);
         check_against_brute_force(places, &queries, 3_000.0, 1_000);
     }
 
     #[test]
     fn nearby_equals_brute_force_on_real_cities() {
-        let Ok(csv) = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/cities1000.csv")) else {
+        let Ok(csv) = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/cities1000.csv"
+        )) else {
             panic!("../shared/data/cities1000.csv is needed for this test");
         };
         let places: Vec<Place> = csv
@@ -401,7 +496,14 @@ mod tests {
             .collect();
         assert!(places.len() > 100_000);
         // Fiji and Chukotka on the antimeridian, Svalbard and Greenland up north, Berlin.
-        let queries = [(-17.8, 178.0), (-16.8, -179.9), (64.7, 177.5), (78.22, 15.65), (70.5, -21.9), (52.52, 13.405)];
+        let queries = [
+            (-17.8, 178.0),
+            (-16.8, -179.9),
+            (64.7, 177.5),
+            (78.22, 15.65),
+            (70.5, -21.9),
+            (52.52, 13.405),
+        ];
         check_against_brute_force(places.clone(), &queries, 50_000.0, 20);
         check_against_brute_force(places, &queries, 200_000.0, 500);
     }
@@ -427,13 +529,26 @@ mod tests {
             FenceSide::Outside(d) => assert!((d - 50.0).abs() < 0.5, "{d}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(snapshot.fences_near(&unit_vector(52.5205, 13.405)).collect::<Vec<_>>(), vec![i]);
-        assert!(snapshot.fences_near(&unit_vector(52.6, 13.405)).next().is_none());
+        assert_eq!(
+            snapshot
+                .fences_near(&unit_vector(52.5205, 13.405))
+                .collect::<Vec<_>>(),
+            vec![i]
+        );
+        assert!(
+            snapshot
+                .fences_near(&unit_vector(52.6, 13.405))
+                .next()
+                .is_none()
+        );
 
         let (_, entry) = snapshot.get("p2").expect("square");
         let fence = entry.fence.as_ref().expect("fence");
         assert_eq!(fence.side(0.2, 0.2), FenceSide::Inside);
-        assert!(matches!(fence.side(0.5, 0.5), FenceSide::Outside(_)), "the hole is outside");
+        assert!(
+            matches!(fence.side(0.5, 0.5), FenceSide::Outside(_)),
+            "the hole is outside"
+        );
         assert!(matches!(fence.side(1.5, 0.5), FenceSide::Outside(_)));
     }
 
@@ -446,9 +561,15 @@ mod tests {
             let center = unit_vector(lat, lon);
             let (lower, upper) = cap_bounds(&center, radius_m / EARTH_RADIUS_M);
             for _ in 0..50 {
-                let (la, lo) = (rng.gen_range(-90.0..=90.0f64), rng.gen_range(-180.0..=180.0f64));
+                let (la, lo) = (
+                    rng.gen_range(-90.0..=90.0f64),
+                    rng.gen_range(-180.0..=180.0f64),
+                );
                 // Points near the center, inside the cap.
-                let (la, lo) = ((lat + (la / 90.0) * radius_m / 111_000.0).clamp(-90.0, 90.0), lon + (lo / 180.0) * 0.001);
+                let (la, lo) = (
+                    (lat + (la / 90.0) * radius_m / 111_000.0).clamp(-90.0, 90.0),
+                    lon + (lo / 180.0) * 0.001,
+                );
                 if haversine_m(lat, lon, la, lo) <= radius_m {
                     let v = unit_vector(la, lo);
                     for k in 0..3 {
