@@ -8,7 +8,7 @@
 use anyhow::{Context, bail};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,45 @@ pub fn gateway_binary() -> anyhow::Result<PathBuf> {
             binary.display()
         );
     }
+    refuse_stale(&binary)?;
     Ok(binary)
+}
+
+/// Fail when a gateway or proto source file is newer than the binary: the test would
+/// exercise old code.
+fn refuse_stale(binary: &Path) -> anyhow::Result<()> {
+    let built = std::fs::metadata(binary)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("mtime of {}", binary.display()))?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let mut pending = vec![
+        workspace.join("gateway").join("src"),
+        workspace.join("proto").join("src"),
+    ];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|changed| changed > built)
+            {
+                bail!(
+                    "{} is older than {}: run `cargo build --workspace --bins` before these tests",
+                    binary.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A running gateway process.

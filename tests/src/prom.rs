@@ -128,9 +128,7 @@ impl Exposition {
             }
             return Ok(());
         }
-        let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
-            .context("sample without a value")?;
+        let name_end = line.find(['{', ' ']).context("sample without a value")?;
         let name = &line[..name_end];
         if !valid_name(name) {
             bail!("bad metric name {name:?}");

@@ -87,7 +87,10 @@ impl Arena {
             .expect("bystander receives");
         assert_eq!(frame["type"], "notification", "{frame}");
         assert_eq!(frame["id"], "still-here");
-        self.bystander.roundtrip(99).await.expect("bystander answers");
+        self.bystander
+            .roundtrip(99)
+            .await
+            .expect("bystander answers");
     }
 }
 
@@ -108,18 +111,62 @@ async fn each_bad_frame_gets_its_error_and_the_session_survives() {
         ("not JSON", "{not json".into(), "malformed_json"),
         ("a JSON array", "[1,2]".into(), "malformed_json"),
         ("empty text", String::new(), "malformed_json"),
-        ("NaN is not JSON", r#"{"type":"location","lat":NaN,"lon":1}"#.into(), "malformed_json"),
+        (
+            "NaN is not JSON",
+            r#"{"type":"location","lat":NaN,"lon":1}"#.into(),
+            "malformed_json",
+        ),
         ("no type", r#"{"lat":1,"lon":2}"#.into(), "unknown_type"),
-        ("unknown type", r#"{"type":"teleport"}"#.into(), "unknown_type"),
-        ("location without lon", r#"{"type":"location","lat":1}"#.into(), "bad_request"),
-        ("lat as a string", r#"{"type":"location","lat":"52","lon":13}"#.into(), "bad_request"),
-        ("Infinity (1e999)", r#"{"type":"location","lat":1e999,"lon":1}"#.into(), "bad_request"),
-        ("subscribe without topic", r#"{"type":"subscribe"}"#.into(), "bad_request"),
-        ("ack without ids", r#"{"type":"ack","ids":[]}"#.into(), "bad_request"),
-        ("lat above 90", r#"{"type":"location","lat":90.5,"lon":0}"#.into(), "invalid_fix"),
-        ("lat below -90", r#"{"type":"location","lat":-91,"lon":0}"#.into(), "invalid_fix"),
-        ("lon above 180", r#"{"type":"location","lat":0,"lon":180.01}"#.into(), "invalid_fix"),
-        ("lon below -180", r#"{"type":"location","lat":0,"lon":-181}"#.into(), "invalid_fix"),
+        (
+            "unknown type",
+            r#"{"type":"teleport"}"#.into(),
+            "unknown_type",
+        ),
+        (
+            "location without lon",
+            r#"{"type":"location","lat":1}"#.into(),
+            "bad_request",
+        ),
+        (
+            "lat as a string",
+            r#"{"type":"location","lat":"52","lon":13}"#.into(),
+            "bad_request",
+        ),
+        (
+            "Infinity (1e999)",
+            r#"{"type":"location","lat":1e999,"lon":1}"#.into(),
+            "bad_request",
+        ),
+        (
+            "subscribe without topic",
+            r#"{"type":"subscribe"}"#.into(),
+            "bad_request",
+        ),
+        (
+            "ack without ids",
+            r#"{"type":"ack","ids":[]}"#.into(),
+            "bad_request",
+        ),
+        (
+            "lat above 90",
+            r#"{"type":"location","lat":90.5,"lon":0}"#.into(),
+            "invalid_fix",
+        ),
+        (
+            "lat below -90",
+            r#"{"type":"location","lat":-91,"lon":0}"#.into(),
+            "invalid_fix",
+        ),
+        (
+            "lon above 180",
+            r#"{"type":"location","lat":0,"lon":180.01}"#.into(),
+            "invalid_fix",
+        ),
+        (
+            "lon below -180",
+            r#"{"type":"location","lat":0,"lon":-181}"#.into(),
+            "invalid_fix",
+        ),
         (
             "negative accuracy",
             r#"{"type":"location","lat":1,"lon":1,"accuracy_m":-1}"#.into(),
@@ -137,9 +184,15 @@ async fn each_bad_frame_gets_its_error_and_the_session_survives() {
             .expect_error(code)
             .await
             .unwrap_or_else(|e| panic!("{what}: {e:#}"));
-        assert!(!error["message"].as_str().unwrap_or_default().is_empty(), "{what}");
+        assert!(
+            !error["message"].as_str().unwrap_or_default().is_empty(),
+            "{what}"
+        );
     }
-    client.send_binary(b"\x01\x02".to_vec()).await.expect("binary");
+    client
+        .send_binary(b"\x01\x02".to_vec())
+        .await
+        .expect("binary");
     client
         .expect_error("binary_not_supported")
         .await
@@ -175,7 +228,12 @@ async fn invalid_utf8_text_closes_with_1007() {
     let arena = Arena::start(|_| {}).await;
     let mut whole = arena.raw_client("mojibake").await;
     whole
-        .send_frame(true, OP_TEXT, b"{\"type\":\"ping\",\"id\":\"\xff\xfe\"}", true)
+        .send_frame(
+            true,
+            OP_TEXT,
+            b"{\"type\":\"ping\",\"id\":\"\xff\xfe\"}",
+            true,
+        )
         .await
         .expect("send");
     let seen = whole.read_until_close(READ_TIMEOUT).await.expect("close");
@@ -192,7 +250,10 @@ async fn invalid_utf8_text_closes_with_1007() {
         .send_frame(true, OP_CONTINUATION, b"\x28\"}", true)
         .await
         .expect("last fragment");
-    let seen = fragmented.read_until_close(READ_TIMEOUT).await.expect("close");
+    let seen = fragmented
+        .read_until_close(READ_TIMEOUT)
+        .await
+        .expect("close");
     assert_eq!(seen.close, Some(Some(1007)), "{seen:?}");
 
     eventually("two 1007 closes counted", WAIT_TIMEOUT, || {
@@ -228,7 +289,10 @@ async fn frame_over_the_limit_gets_too_large_and_1009() {
     assert_eq!(frames.len(), 1, "one error before the close: {frames:?}");
     assert_eq!(frames[0]["type"], "error");
     assert_eq!(frames[0]["code"], "too_large");
-    assert_eq!(arena.metric("geopush_bad_frames_total", &[("code", "too_large")]), 1.0);
+    assert_eq!(
+        arena.metric("geopush_bad_frames_total", &[("code", "too_large")]),
+        1.0
+    );
 
     // Fragments that add up past the limit are refused the same way.
     let mut fragmented = arena.raw_client("big2").await;
@@ -241,10 +305,16 @@ async fn frame_over_the_limit_gets_too_large_and_1009() {
         .send_frame(true, OP_CONTINUATION, " ".repeat(600).as_bytes(), true)
         .await
         .expect("last fragment");
-    let seen = fragmented.read_until_close(READ_TIMEOUT).await.expect("close");
+    let seen = fragmented
+        .read_until_close(READ_TIMEOUT)
+        .await
+        .expect("close");
     assert_eq!(seen.close, Some(Some(1009)), "{seen:?}");
     for frame in seen.json().expect("JSON") {
-        assert_eq!(frame["code"], "too_large", "only a too_large error may precede: {frame}");
+        assert_eq!(
+            frame["code"], "too_large",
+            "only a too_large error may precede: {frame}"
+        );
     }
     eventually("two 1009 closes counted", WAIT_TIMEOUT, || {
         arena.metric("geopush_closes_total", &[("code", "1009")]) == 2.0
@@ -280,8 +350,14 @@ async fn fragmented_message_is_reassembled_around_a_ping() {
         .await
         .expect("a frame")
         .expect("not EOF");
-    assert_eq!((pong.opcode, pong.payload.as_slice()), (OP_PONG, &b"mid"[..]));
-    let app_pong = client.expect_type("pong", READ_TIMEOUT).await.expect("app pong");
+    assert_eq!(
+        (pong.opcode, pong.payload.as_slice()),
+        (OP_PONG, &b"mid"[..])
+    );
+    let app_pong = client
+        .expect_type("pong", READ_TIMEOUT)
+        .await
+        .expect("app pong");
     assert_eq!(app_pong["id"], 9);
 
     // A continuation with no message to continue is a protocol error.
@@ -350,7 +426,8 @@ async fn fix_flood_is_rate_limited_and_coalesced_latest_wins() {
     }
     // Every fix is either processed or coalesced into a later one; at least one was.
     eventually("processed + coalesced == sent", WAIT_TIMEOUT, || {
-        arena.metric("geopush_fixes_total", &[]) + arena.metric("geopush_fixes_coalesced_total", &[])
+        arena.metric("geopush_fixes_total", &[])
+            + arena.metric("geopush_fixes_coalesced_total", &[])
             == SENT as f64
     })
     .await
@@ -387,12 +464,21 @@ async fn fix_flood_is_rate_limited_and_coalesced_latest_wins() {
     .expect("the pending (latest) fix is processed");
     let (first_lat, first_lon) = position(0);
     assert_eq!(
-        arena.gateway.hub().publish(&around(first_lat, first_lon), &note("at-first")),
+        arena
+            .gateway
+            .hub()
+            .publish(&around(first_lat, first_lon), &note("at-first")),
         0
     );
-    let frame = client.recv_json(READ_TIMEOUT).await.expect("area notification");
+    let frame = client
+        .recv_json(READ_TIMEOUT)
+        .await
+        .expect("area notification");
     assert_eq!(frame["id"], "at-last");
-    client.roundtrip(2).await.expect("the flooder is still connected");
+    client
+        .roundtrip(2)
+        .await
+        .expect("the flooder is still connected");
     arena.finish().await;
 }
 
@@ -413,7 +499,11 @@ async fn persistent_fix_flood_closes_with_4008() {
             "no close after {sent} fixes"
         );
         // Keep sending until the server closes; sends may fail once it has.
-        if client.send_fix(1.0, 1.0 + f64::from(sent) * 1e-5).await.is_ok() {
+        if client
+            .send_fix(1.0, 1.0 + f64::from(sent) * 1e-5)
+            .await
+            .is_ok()
+        {
             sent += 1;
         }
         match client.next_event(Duration::from_millis(10)).await {
@@ -460,7 +550,10 @@ async fn repeated_bad_frames_close_with_4008() {
         careful.send_text("{oops").await.expect("send");
         careful.expect_error("malformed_json").await.expect("error");
     }
-    careful.roundtrip(1).await.expect("still connected at the limit");
+    careful
+        .roundtrip(1)
+        .await
+        .expect("still connected at the limit");
     arena.finish().await;
 }
 
@@ -472,7 +565,10 @@ async fn dead_peer_is_dropped_after_missed_heartbeats() {
     // connection without a close frame.
     let seen = dead.read_until_close(WAIT_TIMEOUT).await.expect("EOF");
     assert!(seen.pings >= 1, "the server pinged: {seen:?}");
-    assert_eq!(seen.close, None, "a dead peer gets no close frame: {seen:?}");
+    assert_eq!(
+        seen.close, None,
+        "a dead peer gets no close frame: {seen:?}"
+    );
     assert!(seen.ended, "{seen:?}");
     eventually("a 1006 close counted", WAIT_TIMEOUT, || {
         arena.metric("geopush_closes_total", &[("code", "1006")]) == 1.0
@@ -541,7 +637,10 @@ async fn connections_over_the_limit_get_503_before_the_upgrade() {
     assert_eq!(response.status, 503, "{}", response.text());
     assert!(response.header("sec-websocket-accept").is_none());
     assert_eq!(response.json().expect("JSON")["error"]["code"], "full");
-    assert_eq!(arena.metric("geopush_upgrades_refused_total", &[("reason", "full")]), 1.0);
+    assert_eq!(
+        arena.metric("geopush_upgrades_refused_total", &[("reason", "full")]),
+        1.0
+    );
     assert_eq!(arena.gateway.gateway().connection_count(), 2);
 
     // A slot freed is a slot available again.
