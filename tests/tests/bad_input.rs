@@ -13,7 +13,9 @@ use geopush_gateway::config::Config;
 use geopush_gateway::{Notification, Target};
 use geopush_proto::{Area, Circle};
 use geopush_tests::http::upgrade_request;
-use geopush_tests::raw::{OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, RawWsClient};
+use geopush_tests::raw::{
+    OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, RawWsClient, encode_frame,
+};
 use geopush_tests::tokens::{now_unix_ms, user_token};
 use geopush_tests::wait::eventually;
 use geopush_tests::{READ_TIMEOUT, TestGateway, WAIT_TIMEOUT, WsClient, WsEvent, test_config};
@@ -63,6 +65,17 @@ impl Arena {
             .await
             .expect("welcome on the raw connection");
         raw
+    }
+
+    /// Every abusive session has ended and released its slot: only the bystander is left.
+    async fn assert_only_bystander_left(&self) {
+        eventually("only the bystander's session left", WAIT_TIMEOUT, || {
+            self.gateway.gateway().connection_count() == 1
+                && self.gateway.hub().session_count() == 1
+        })
+        .await
+        .expect("no session leaked");
+        assert_eq!(self.metric("geopush_connections", &[]), 1.0);
     }
 
     /// After the abuse: the bystander is still connected and its next frame is the
@@ -261,6 +274,7 @@ async fn invalid_utf8_text_closes_with_1007() {
     })
     .await
     .expect("closes counted");
+    arena.assert_only_bystander_left().await;
     arena.finish().await;
 }
 
@@ -321,6 +335,7 @@ async fn frame_over_the_limit_gets_too_large_and_1009() {
     })
     .await
     .expect("closes counted");
+    arena.assert_only_bystander_left().await;
     arena.finish().await;
 }
 
@@ -367,6 +382,85 @@ async fn fragmented_message_is_reassembled_around_a_ping() {
         .expect("stray continuation");
     let seen = client.read_until_close(READ_TIMEOUT).await.expect("close");
     assert_eq!(seen.close, Some(Some(1002)), "{seen:?}");
+    arena.assert_only_bystander_left().await;
+    arena.finish().await;
+}
+
+#[tokio::test]
+async fn websocket_protocol_violations_close_with_1002() {
+    let arena = Arena::start(|_| {}).await;
+    let text = br#"{"type":"ping","id":1}"#;
+    let cases: [(&str, Vec<Vec<u8>>); 5] = [
+        (
+            "a reserved bit set",
+            vec![{
+                let mut frame = encode_frame(true, OP_TEXT, text, true);
+                frame[0] |= 0x40;
+                frame
+            }],
+        ),
+        (
+            "a reserved opcode (0x3)",
+            vec![encode_frame(true, 0x3, text, true)],
+        ),
+        (
+            "a ping longer than 125 bytes",
+            vec![encode_frame(true, OP_PING, &[b'p'; 126], true)],
+        ),
+        (
+            "a fragmented control frame",
+            vec![encode_frame(false, OP_PING, b"p", true)],
+        ),
+        (
+            "a new message inside a fragmented one",
+            vec![
+                encode_frame(false, OP_TEXT, br#"{"type":"#, true),
+                encode_frame(true, OP_BINARY, b"x", true),
+            ],
+        ),
+    ];
+    for (i, (what, frames)) in cases.iter().enumerate() {
+        let mut client = arena.raw_client(&format!("violator-{i}")).await;
+        for frame in frames {
+            client.write_raw(frame).await.expect("send");
+        }
+        let seen = client
+            .read_until_close(READ_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(seen.close, Some(Some(1002)), "{what}: {seen:?}");
+        assert!(seen.texts.is_empty(), "{what}: {seen:?}");
+    }
+    eventually("the 1002 closes counted", WAIT_TIMEOUT, || {
+        arena.metric("geopush_closes_total", &[("code", "1002")]) == cases.len() as f64
+    })
+    .await
+    .expect("closes counted");
+    arena.assert_only_bystander_left().await;
+    arena.finish().await;
+}
+
+#[tokio::test]
+async fn client_close_is_echoed_and_the_session_ends() {
+    let arena = Arena::start(|_| {}).await;
+    let mut client = arena.raw_client("leaver").await;
+    let mut payload = 4000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"bye");
+    client
+        .send_frame(true, OP_CLOSE, &payload, true)
+        .await
+        .expect("close");
+    let seen = client.read_until_close(READ_TIMEOUT).await.expect("echo");
+    assert_eq!(
+        seen.close,
+        Some(Some(4000)),
+        "the client's code echoed: {seen:?}"
+    );
+    assert!(
+        seen.ended,
+        "the server ends the TCP connection after the close"
+    );
+    arena.assert_only_bystander_left().await;
     arena.finish().await;
 }
 
@@ -522,6 +616,7 @@ async fn persistent_fix_flood_closes_with_4008() {
     })
     .await
     .expect("close counted");
+    arena.assert_only_bystander_left().await;
     arena.finish().await;
 }
 
@@ -581,6 +676,7 @@ async fn dead_peer_is_dropped_after_missed_heartbeats() {
     .await
     .expect("the dead session is gone");
     // The bystander answered the same pings and is alive.
+    arena.assert_only_bystander_left().await;
     arena.finish().await;
 }
 
@@ -613,6 +709,7 @@ async fn unfinished_handshake_is_closed_by_the_server() {
         !String::from_utf8_lossy(&received).contains(" 101 "),
         "{received:?}"
     );
+    arena.assert_only_bystander_left().await;
     arena.finish().await;
 }
 
@@ -622,6 +719,7 @@ async fn silent_connection_is_closed_by_the_server() {
     // Connect and send nothing at all: also a handshake that never finishes.
     let mut silent = TcpStream::connect(arena.addr()).await.expect("connect");
     read_to_eof(&mut silent).await;
+    arena.assert_only_bystander_left().await;
     arena.finish().await;
 }
 

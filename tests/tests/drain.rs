@@ -2,12 +2,18 @@
 //! upgrades are refused with 503, every connected client gets `reconnect` (integer
 //! `after_ms`) and then close 1001, and the process exits with status 0.
 //!
+//! The in-process drain is also shown to be bounded by the grace period when a client has
+//! stopped reading.
+//!
 //! Needs the binary: `cargo build --workspace --bins` first.
 
+use geopush_gateway::{Notification, Target};
 use geopush_tests::http::{self, upgrade_request};
 use geopush_tests::tokens::{TEST_SECRET, user_token};
 use geopush_tests::wait::eventually_async;
-use geopush_tests::{GatewayProcess, READ_TIMEOUT, WAIT_TIMEOUT, WsClient};
+use geopush_tests::{
+    GatewayProcess, READ_TIMEOUT, RawWsClient, TestGateway, WAIT_TIMEOUT, WsClient,
+};
 
 const CLIENTS: usize = 5;
 
@@ -88,4 +94,66 @@ async fn sigterm_drains_every_client_and_exits_zero() {
         "the drain completed; logs:\n{}",
         process.logs_text()
     );
+}
+
+/// The in-process drain is bounded too: a client that stopped reading (its socket full, its
+/// writer stuck) cannot hold `serve` past the grace period, and the reading client still
+/// gets `reconnect` and 1001 after every notification it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_is_bounded_by_the_grace_period_despite_a_stalled_client() {
+    let gateway = TestGateway::start_with(|c| {
+        c.queue_len = 100_000; // no 4009 here: the stalled writer must be stopped by the drain
+        c.write_timeout_seconds = 60.0;
+        c.drain_seconds = 0.2;
+        c.shutdown_grace_seconds = 1.0;
+    })
+    .await
+    .expect("gateway");
+    let mut stalled = RawWsClient::connect(gateway.addr(), &user_token("stalled").expect("t"))
+        .await
+        .expect("stalled connects");
+    stalled
+        .expect_type("welcome", READ_TIMEOUT)
+        .await
+        .expect("welcome");
+    let (mut reader, _) =
+        WsClient::connect_welcomed(gateway.addr(), &user_token("reader").expect("t"))
+            .await
+            .expect("reader connects");
+    let body = "y".repeat(16 * 1024);
+    const SENT: usize = 600; // ~10 MB: more than the loopback socket buffers hold
+    for seq in 0..SENT {
+        let queued = gateway.hub().publish(
+            &Target::All,
+            &Notification {
+                id: format!("n-{seq}"),
+                cursor: None,
+                title: String::new(),
+                body: body.clone(),
+                data: None,
+                ts: 0,
+            },
+        );
+        assert_eq!(queued, 2);
+    }
+    for seq in 0..SENT {
+        let frame = reader.recv_json(READ_TIMEOUT).await.expect("notification");
+        assert_eq!(frame["id"], format!("n-{seq}"));
+    }
+
+    let shutting_down = tokio::spawn(gateway.shutdown());
+    let reconnect = reader
+        .expect_type("reconnect", WAIT_TIMEOUT)
+        .await
+        .expect("reconnect");
+    assert!(reconnect["after_ms"].is_u64(), "{reconnect}");
+    reader
+        .expect_close(1001, READ_TIMEOUT)
+        .await
+        .expect("close 1001");
+    shutting_down
+        .await
+        .expect("shutdown task")
+        .expect("serve returns within its bound despite the stalled client");
+    drop(stalled);
 }

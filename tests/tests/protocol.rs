@@ -250,3 +250,43 @@ async fn notification_data_is_echoed_verbatim() {
     assert_eq!(frame["body"], "body verbatim");
     assert_eq!(frame["ts"], 1_763_700_000_000i64);
 }
+
+#[tokio::test]
+async fn subscriptions_past_the_limit_are_refused() {
+    let gateway = TestGateway::start_with(|c| c.max_topics = 2)
+        .await
+        .expect("gateway");
+    let mut client = connect(&gateway, "collector").await;
+    subscribe(&mut client, "a", 1).await;
+    subscribe(&mut client, "b", 2).await;
+    client
+        .send_json(&json!({"type": "subscribe", "topic": "c"}))
+        .await
+        .expect("third subscribe");
+    client
+        .expect_error("too_many_subscriptions")
+        .await
+        .expect("the limit is enforced");
+    client.roundtrip(3).await.expect("the session continues");
+    let topic = |t: &str| Target::Topic(t.into());
+    assert_eq!(gateway.hub().publish(&topic("c"), &notification("c1")), 0);
+    assert_eq!(gateway.hub().publish(&topic("a"), &notification("a1")), 1);
+    client
+        .expect_type("notification", READ_TIMEOUT)
+        .await
+        .expect("a1");
+
+    // A slot freed by unsubscribing can be used again.
+    client
+        .send_json(&json!({"type": "unsubscribe", "topic": "a"}))
+        .await
+        .expect("unsubscribe");
+    subscribe(&mut client, "c", 4).await;
+    assert_eq!(gateway.hub().publish(&topic("c"), &notification("c2")), 1);
+    assert_eq!(gateway.hub().publish(&topic("a"), &notification("a2")), 0);
+    let frame = client
+        .expect_type("notification", READ_TIMEOUT)
+        .await
+        .expect("c2");
+    assert_eq!(frame["id"], "c2");
+}
