@@ -8,6 +8,9 @@
 //!
 //! Waiting is always on a condition with a bounded timeout ([`wait::eventually`]), never a
 //! fixed sleep; reads always carry a timeout.
+//!
+//! `cargo test -p geopush-tests` does not build other packages' binaries: run
+//! `cargo build --workspace --bins` first, or the process tests (`drain.rs`) fail and say so.
 
 pub mod client;
 pub mod gateway;

@@ -465,6 +465,48 @@ async fn client_close_is_echoed_and_the_session_ends() {
 }
 
 #[tokio::test]
+async fn invalid_client_close_frames_are_protocol_errors() {
+    // RFC 6455 §7.4: 1004-1006, 1015, 1016-2999 and anything below 1000 or above 4999 are
+    // not valid in a close frame, nor is a 1-byte payload; the endpoint that receives one
+    // fails the connection (1002), and an invalid UTF-8 reason is 1007 (Autobahn 7.5, 7.9).
+    let arena = Arena::start(|_| {}).await;
+    let code = |c: u16| c.to_be_bytes().to_vec();
+    let cases: Vec<(String, Vec<u8>, u16)> = [999u16, 1004, 1005, 1006, 1015, 1016, 2999, 5000]
+        .into_iter()
+        .map(|c| (format!("code {c}"), code(c), 1002))
+        .chain([
+            ("a 1-byte payload".to_owned(), vec![0x03], 1002),
+            (
+                "an invalid UTF-8 reason".to_owned(),
+                [code(1000), vec![0xff, 0xfe]].concat(),
+                1007,
+            ),
+        ])
+        .collect();
+    let mut wrong = Vec::new();
+    for (i, (what, payload, expected)) in cases.iter().enumerate() {
+        let mut client = arena.raw_client(&format!("closer-{i}")).await;
+        client
+            .send_frame(true, OP_CLOSE, payload, true)
+            .await
+            .expect("close");
+        let seen = client
+            .read_until_close(READ_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        if seen.close != Some(Some(*expected)) {
+            wrong.push(format!("{what}: expected {expected}, got {:?}", seen.close));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "wrong answers to invalid close frames: {wrong:#?}"
+    );
+    arena.assert_only_bystander_left().await;
+    arena.finish().await;
+}
+
+#[tokio::test]
 async fn unmasked_client_frame_closes_with_1002() {
     // RFC 6455 §5.1: a server MUST close the connection on an unmasked client frame;
     // proto/src/codes.rs lists "unmasked frame" under 1002.
