@@ -136,7 +136,10 @@ impl TokenVerifier {
             validation.required_spec_claims.insert("iss".into());
         }
         match &config.jwt_audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
             None => validation.validate_aud = false,
         }
         Ok(TokenVerifier { keys, validation })

@@ -192,12 +192,16 @@ impl Metrics {
         text
     }
 
+    /// Count a close. Codes geopush does not define (a client's own, echoed) share the
+    /// label `other`, so clients cannot grow the label set.
     pub fn count_close(&self, code: u16) {
-        self.closes
-            .get_or_create(&CodeLabel {
-                code: code.to_string(),
-            })
-            .inc();
+        let known = geopush_proto::CloseCode::from_u16(code).is_some() || code == 1006;
+        let code = if known {
+            code.to_string()
+        } else {
+            "other".to_string()
+        };
+        self.closes.get_or_create(&CodeLabel { code }).inc();
     }
 
     pub fn count_bad_frame(&self, code: geopush_proto::ErrorCode) {

@@ -50,17 +50,16 @@ fn unix_ms() -> i64 {
 struct InFrame {
     fin: bool,
     opcode: OpCode,
+    /// Clients must mask every frame (RFC 6455 §5.1).
+    masked: bool,
+    /// Bytes the frame occupied on the wire (head + payload).
+    wire_len: u64,
     payload: BytesMut,
 }
 
-/// Bytes a client frame of this payload length occupies on the wire (clients mask).
-fn wire_len(payload_len: usize) -> u64 {
-    let extended = match payload_len {
-        0..=125 => 0,
-        126..=65_535 => 2,
-        _ => 8,
-    };
-    (2 + extended + 4 + payload_len) as u64
+/// Close codes a peer may send (RFC 6455 §7.4.1–2): 1000–1003, 1007–1014, 3000–4999.
+fn is_valid_peer_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// The frame parser, or nothing while the session is idle.
@@ -114,13 +113,20 @@ async fn read_next(
     let result = parser
         .read_frame(&mut |_| std::future::ready(Ok::<(), Infallible>(())))
         .await
-        .map(|frame| InFrame {
-            fin: frame.fin,
-            opcode: frame.opcode,
-            payload: match frame.payload {
-                Payload::Bytes(bytes) => bytes,
-                other => BytesMut::from(&other[..]),
-            },
+        .map(|mut frame| {
+            // fastwebsockets keeps the mask private; its head encoder shows it.
+            let mut head = [0u8; 14];
+            let head_len = frame.fmt_head(&mut head);
+            InFrame {
+                fin: frame.fin,
+                opcode: frame.opcode,
+                masked: head[1] & 0x80 != 0,
+                wire_len: (head_len + frame.payload.len()) as u64,
+                payload: match frame.payload {
+                    Payload::Bytes(bytes) => bytes,
+                    other => BytesMut::from(&other[..]),
+                },
+            }
         });
     (FrameReader::Active(parser), result)
 }
@@ -413,7 +419,7 @@ pub(crate) async fn run(
             (parser, result) = &mut read => {
                 let flow = match result {
                     Ok(frame) => {
-                        consumed += wire_len(frame.payload.len());
+                        consumed += frame.wire_len;
                         // Everything read from the socket has been parsed: drop the parser
                         // and its buffer until more bytes arrive.
                         let next = if consumed == socket.bytes_read() { FrameReader::Parked } else { parser };
@@ -561,8 +567,13 @@ impl Session {
         let InFrame {
             fin,
             opcode,
+            masked,
             payload,
+            ..
         } = frame;
+        if !masked {
+            return self.close(CloseCode::ProtocolError, "client frames must be masked");
+        }
         match opcode {
             OpCode::Ping => {
                 self.outbound
@@ -571,16 +582,19 @@ impl Session {
             }
             OpCode::Pong => Flow::Continue,
             OpCode::Close => {
-                // Echo the client's close (1000 when it sent no valid code) and stop.
-                let code = match payload.get(..2) {
-                    Some(&[a, b]) => u16::from_be_bytes([a, b]),
-                    _ => CloseCode::Normal.as_u16(),
+                // Echo a valid close code (1000 for none); anything else fails the
+                // connection as RFC 6455 §7.4 says.
+                let echoed = match payload.len() {
+                    0 => CloseCode::Normal.as_u16(),
+                    1 => return self.close(CloseCode::ProtocolError, "close payload of one byte"),
+                    _ => u16::from_be_bytes([payload[0], payload[1]]),
                 };
-                let echoed = if (1000..=4999).contains(&code) {
-                    code
-                } else {
-                    CloseCode::Normal.as_u16()
-                };
+                if !is_valid_peer_close_code(echoed) {
+                    return self.close(CloseCode::ProtocolError, "invalid close code");
+                }
+                if std::str::from_utf8(&payload[2..]).is_err() {
+                    return self.close(CloseCode::InvalidPayload, "close reason is not UTF-8");
+                }
                 self.outbound.close_raw(echoed, "");
                 Flow::Stop
             }
@@ -849,11 +863,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wire_length_counts_header_mask_and_payload() {
-        assert_eq!(wire_len(0), 6);
-        assert_eq!(wire_len(125), 131);
-        assert_eq!(wire_len(126), 134);
-        assert_eq!(wire_len(70_000), 70_014);
+    fn peer_close_codes_follow_rfc_6455() {
+        for ok in [1000, 1001, 1002, 1003, 1007, 1011, 1014, 3000, 4009, 4999] {
+            assert!(is_valid_peer_close_code(ok), "{ok}");
+        }
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert!(!is_valid_peer_close_code(bad), "{bad}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
