@@ -4,6 +4,7 @@ use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::geo::PlacesReplica;
 use crate::geo::fences::{FenceRules, GeofenceSink, MemorySink};
+use crate::geo::nearby::NearbyRules;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use geopush_proto::FixPolicy;
@@ -27,6 +28,7 @@ pub struct Node {
     /// Every place, for `nearby` and geofences.
     pub places: PlacesReplica,
     pub fence_rules: FenceRules,
+    pub nearby_rules: NearbyRules,
     /// Where geofence events go besides the client.
     pub geofence_sink: Arc<dyn GeofenceSink>,
     /// The in-memory sink, when that is the sink (single-node mode).
@@ -58,10 +60,18 @@ impl Node {
             max_accuracy_m: config.fence_max_accuracy_m,
             exit_margin_floor_m: config.fence_exit_margin_m,
         };
+        let nearby_rules = NearbyRules {
+            default_radius_m: config.nearby_radius_m.min(config.nearby_max_radius_m),
+            max_radius_m: config.nearby_max_radius_m,
+            default_limit: config.nearby_limit.min(config.nearby_max_limit),
+            max_limit: config.nearby_max_limit,
+            min_move_m: config.nearby_min_move_m,
+        };
         let memory_sink = Arc::new(MemorySink::new(config.geofence_event_buffer));
         Node {
             places: PlacesReplica::new(),
             fence_rules,
+            nearby_rules,
             geofence_sink: memory_sink.clone(),
             memory_sink: Some(memory_sink),
             hub: Hub::new(metrics.clone()),

@@ -6,6 +6,7 @@
 
 pub mod clients;
 pub mod fences;
+pub mod nearby;
 pub mod places;
 
 pub use clients::ClientIndex;

@@ -15,8 +15,8 @@ pub mod socket;
 use crate::auth::{Claims, TokenVerifier};
 use crate::geo::clients::SessionId;
 use crate::geo::fences::{FenceEvent, FenceTracker, GeofenceRecord};
-use crate::geo::places::{NearbyHit, PlacesSnapshot};
-use crate::geo::{UnitVector, metres_between, unit_vector};
+use crate::geo::nearby::NearbyTracker;
+use crate::geo::places::PlacesSnapshot;
 use crate::hub::SubscribeError;
 use crate::node::{ConnectionSlot, Node};
 use bytes::{Bytes, BytesMut};
@@ -26,10 +26,7 @@ use geopush_proto::{CloseCode, ErrorCode, Fix};
 use hyper_util::rt::TokioIo;
 use outbound::{Outbound, Outgoing, run_writer};
 use socket::{SessionSocket, SocketReader, SocketWriter};
-use std::cell::RefCell;
 use std::convert::Infallible;
-use std::fmt::Write as _;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
@@ -219,53 +216,6 @@ enum Auth {
     Grace { close_at: Instant },
 }
 
-/// What the last `nearby` computation was asked and found.
-struct NearbyQuery {
-    center: UnitVector,
-    radius_m: f64,
-    limit: u32,
-    places_version: u64,
-}
-
-/// A session's `nearby` state: its preferences and the last result sent.
-struct NearbyState {
-    /// The radius and limit this client asked for (capped), or the node's defaults.
-    radius_m: f64,
-    limit: u32,
-    last_query: Option<NearbyQuery>,
-    /// Hash of the ids (in order) of the last result sent; starts as the empty result's.
-    last_result: u64,
-}
-
-fn result_hash<'a>(ids: impl Iterator<Item = &'a str>) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    for id in ids {
-        id.hash(&mut hasher);
-    }
-    hasher.finish()
-}
-
-thread_local! {
-    /// Scratch space for nearby hits, reused by every session on this worker thread.
-    static NEARBY_HITS: RefCell<Vec<NearbyHit>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The `nearby` frame for these hits, each place's summary spliced in as precomputed.
-fn nearby_frame(places: &PlacesSnapshot, hits: &[NearbyHit]) -> Bytes {
-    let mut json = String::with_capacity(32 + hits.len() * 160);
-    json.push_str(r#"{"type":"nearby","places":["#);
-    for (i, hit) in hits.iter().enumerate() {
-        if i > 0 {
-            json.push(',');
-        }
-        let summary = &places.entry(hit.index).summary_json;
-        json.push_str(&summary[..summary.len() - 1]);
-        let _ = write!(json, r#","distance_m":{:.1}}}"#, hit.distance_m);
-    }
-    json.push_str("]}");
-    Bytes::from(json)
-}
-
 /// The `geofence` frame for an event.
 fn geofence_frame(places: &PlacesSnapshot, event: &FenceEvent) -> Bytes {
     let kind = match event.kind {
@@ -287,7 +237,7 @@ struct Session {
     user: Arc<str>,
     device: Box<str>,
     fences: FenceTracker,
-    nearby: NearbyState,
+    nearby: NearbyTracker,
     /// Where the last processed fix was, for geofence event records.
     last_position: Option<(f64, f64)>,
     outbound: Outbound,
@@ -365,12 +315,7 @@ pub(crate) async fn run(
         user,
         device: claims.device().into(),
         fences: FenceTracker::default(),
-        nearby: NearbyState {
-            radius_m: node.config.nearby_radius_m,
-            limit: node.config.nearby_limit,
-            last_query: None,
-            last_result: result_hash(std::iter::empty()),
-        },
+        nearby: NearbyTracker::new(&node.nearby_rules),
         last_position: None,
         outbound: outbound.clone(),
         auth: Auth::Valid {
@@ -789,7 +734,10 @@ impl Session {
             &mut events,
         );
         self.emit_fence_events(&places, &events);
-        self.update_nearby(&fix, &places);
+        if let Some(json) = self.nearby.on_fix(&fix, &places, &self.node.nearby_rules) {
+            self.outbound.push_nearby(json, &self.node.metrics);
+            self.node.metrics.nearby_deliveries.inc();
+        }
     }
 
     fn emit_fence_events(&self, places: &PlacesSnapshot, events: &[FenceEvent]) {
@@ -808,52 +756,6 @@ impl Session {
                 lat,
                 lon,
             });
-        }
-    }
-
-    /// Recompute `nearby` when the client moved far enough, asked for another radius or
-    /// limit, or the places changed; send it only when the result (ids in order) changed.
-    fn update_nearby(&mut self, fix: &Fix, places: &PlacesSnapshot) {
-        let config = &self.node.config;
-        if let Some(radius_m) = fix.radius_m {
-            self.nearby.radius_m = radius_m.min(config.nearby_max_radius_m);
-        }
-        if let Some(limit) = fix.limit {
-            self.nearby.limit = limit.min(config.nearby_max_limit);
-        }
-        let center = unit_vector(fix.lat, fix.lon);
-        let unchanged = self.nearby.last_query.as_ref().is_some_and(|q| {
-            q.places_version == places.version
-                && q.radius_m == self.nearby.radius_m
-                && q.limit == self.nearby.limit
-                && metres_between(&q.center, &center) < config.nearby_min_move_m
-        });
-        if unchanged {
-            return;
-        }
-        self.nearby.last_query = Some(NearbyQuery {
-            center,
-            radius_m: self.nearby.radius_m,
-            limit: self.nearby.limit,
-            places_version: places.version,
-        });
-        let frame = NEARBY_HITS.with_borrow_mut(|hits| {
-            places.nearby(
-                &center,
-                self.nearby.radius_m,
-                self.nearby.limit as usize,
-                hits,
-            );
-            let hash = result_hash(hits.iter().map(|h| places.entry(h.index).place.id.as_str()));
-            if hash == self.nearby.last_result {
-                return None;
-            }
-            self.nearby.last_result = hash;
-            Some(nearby_frame(places, hits))
-        });
-        if let Some(json) = frame {
-            self.outbound.push_nearby(json, &self.node.metrics);
-            self.node.metrics.nearby_deliveries.inc();
         }
     }
 }
