@@ -8,6 +8,7 @@
 //! so the gateway can answer it with a precise `error` frame.
 
 pub mod area;
+pub mod bus;
 pub mod codes;
 pub mod fix;
 pub mod frames;

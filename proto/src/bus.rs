@@ -1,0 +1,258 @@
+//! What crosses Redis: key and channel names (DESIGN §6), geohash cells, and the envelope
+//! format of bus messages.
+//!
+//! Every name puts the user, topic or cell in `{…}`: a Redis Cluster hash tag, so a user's
+//! channel, inbox and ack cursors live in one slot, and sharded pub/sub spreads cells and
+//! users over the shards.
+
+use serde::{Deserialize, Serialize};
+
+/// Names under one prefix (default `gp:`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys::new("gp:")
+    }
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Keys {
+        Keys {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Channel of user-targeted envelopes.
+    pub fn user_channel(&self, user: &str) -> String {
+        format!("{}u:{{{user}}}", self.prefix)
+    }
+    /// Channel of a topic.
+    pub fn topic_channel(&self, topic: &str) -> String {
+        format!("{}t:{{{topic}}}", self.prefix)
+    }
+    /// Channel of broadcasts.
+    pub fn all_channel(&self) -> String {
+        format!("{}all", self.prefix)
+    }
+    /// Channel of a geohash cell at a level (its length).
+    pub fn cell_channel(&self, cell: &str) -> String {
+        format!("{}g:{}:{{{cell}}}", self.prefix, cell.len())
+    }
+    /// Channel the nodes' end-to-end probes travel on.
+    pub fn probe_channel(&self, node: &str) -> String {
+        format!("{}probe:{{{node}}}", self.prefix)
+    }
+    /// A user's durable inbox stream.
+    pub fn inbox(&self, user: &str) -> String {
+        format!("{}inbox:{{{user}}}", self.prefix)
+    }
+    /// The last acked inbox cursor of a user's device.
+    pub fn ack(&self, user: &str, device: &str) -> String {
+        format!("{}ack:{{{user}}}:{device}", self.prefix)
+    }
+    /// Status counters of a notification.
+    pub fn status(&self, id: &str) -> String {
+        format!("{}n:{{{id}}}", self.prefix)
+    }
+    /// The places hash.
+    pub fn places(&self) -> String {
+        format!("{}places", self.prefix)
+    }
+    /// The places change log stream.
+    pub fn places_log(&self) -> String {
+        format!("{}places:log", self.prefix)
+    }
+    /// The geofence event stream.
+    pub fn events(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+    /// An idempotency key.
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}idem:{{{key}}}", self.prefix)
+    }
+}
+
+/// Geohash cells (base32, as everyone spells them).
+pub mod geohash {
+    const BASE32: &[u8; 32] = b"0123456789bcdefghjkmnpqrstuvwxyz";
+
+    /// The cell of a point at `precision` characters (1..=12).
+    pub fn encode(lat: f64, lon: f64, precision: usize) -> String {
+        let (mut lat_range, mut lon_range) = ((-90.0, 90.0), (-180.0, 180.0));
+        let mut out = String::with_capacity(precision);
+        let (mut bits, mut value, mut even) = (0, 0usize, true);
+        while out.len() < precision {
+            let (range, coordinate) = if even {
+                (&mut lon_range, lon)
+            } else {
+                (&mut lat_range, lat)
+            };
+            let mid = (range.0 + range.1) / 2.0;
+            value <<= 1;
+            if coordinate >= mid {
+                value |= 1;
+                range.0 = mid;
+            } else {
+                range.1 = mid;
+            }
+            even = !even;
+            bits += 1;
+            if bits == 5 {
+                out.push(BASE32[value] as char);
+                bits = 0;
+                value = 0;
+            }
+        }
+        out
+    }
+
+    /// Size of a cell at `precision` in degrees: (lat, lon).
+    pub fn cell_size(precision: usize) -> (f64, f64) {
+        let bits = 5 * precision;
+        let lon_bits = bits.div_ceil(2);
+        let lat_bits = bits / 2;
+        (
+            180.0 / f64::powi(2.0, lat_bits as i32),
+            360.0 / f64::powi(2.0, lon_bits as i32),
+        )
+    }
+
+    /// The cells at `precision` that cover a lat/lon box, or `None` when there are more
+    /// than `max_cells`. Boxes crossing the antimeridian are given as `lon_min > lon_max`.
+    pub fn cover(
+        lat_min: f64,
+        lat_max: f64,
+        lon_min: f64,
+        lon_max: f64,
+        precision: usize,
+        max_cells: usize,
+    ) -> Option<Vec<String>> {
+        let (dlat, dlon) = cell_size(precision);
+        let spans: Vec<(f64, f64)> = if lon_min <= lon_max {
+            vec![(lon_min, lon_max)]
+        } else {
+            vec![(lon_min, 180.0), (-180.0, lon_max)]
+        };
+        let rows = ((lat_max.min(90.0) - lat_min.max(-90.0)) / dlat).floor() as usize + 2;
+        let mut cells = Vec::new();
+        for (lo, hi) in spans {
+            let columns = ((hi - lo) / dlon).floor() as usize + 2;
+            if rows.saturating_mul(columns).saturating_add(cells.len())
+                > max_cells.saturating_mul(4) + 8
+            {
+                return None;
+            }
+            // Step by cell size from the cell holding the corner; clamp to the box.
+            let lat_start = ((lat_min.max(-90.0) + 90.0) / dlat).floor() * dlat - 90.0;
+            let lon_start = ((lo + 180.0) / dlon).floor() * dlon - 180.0;
+            let mut lat = lat_start;
+            while lat <= lat_max.min(90.0) {
+                let mut lon = lon_start;
+                while lon <= hi {
+                    let cell = encode(
+                        (lat + dlat / 2.0).min(90.0),
+                        (lon + dlon / 2.0).min(180.0),
+                        precision,
+                    );
+                    if !cells.contains(&cell) {
+                        cells.push(cell);
+                    }
+                    lon += dlon;
+                }
+                lat += dlat;
+            }
+        }
+        (cells.len() <= max_cells).then_some(cells)
+    }
+}
+
+/// The header of a bus message; the client frame follows it after a newline, verbatim.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnvelopeHeader {
+    /// Notification id (for status counting and dedupe).
+    pub id: String,
+    /// Unix ms when the publisher published, for the publish→socket latency.
+    pub published_ms: i64,
+    /// For geo envelopes: the exact area the node filters its clients with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub area: Option<crate::Area>,
+}
+
+/// Join a header and a frame into one bus message.
+pub fn encode_envelope(header: &EnvelopeHeader, frame: &[u8]) -> Vec<u8> {
+    let mut out = serde_json::to_vec(header).unwrap_or_default();
+    out.push(b'\n');
+    out.extend_from_slice(frame);
+    out
+}
+
+/// Split a bus message into its header and frame; `None` when it is not one.
+pub fn decode_envelope(message: &[u8]) -> Option<(EnvelopeHeader, &[u8])> {
+    let newline = message.iter().position(|b| *b == b'\n')?;
+    let header = serde_json::from_slice(&message[..newline]).ok()?;
+    Some((header, &message[newline + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_use_hash_tags() {
+        let keys = Keys::default();
+        assert_eq!(keys.user_channel("alice"), "gp:u:{alice}");
+        assert_eq!(keys.inbox("alice"), "gp:inbox:{alice}");
+        assert_eq!(keys.ack("alice", "phone"), "gp:ack:{alice}:phone");
+        assert_eq!(keys.cell_channel("u33d"), "gp:g:4:{u33d}");
+        assert_eq!(Keys::new("x:").all_channel(), "x:all");
+    }
+
+    #[test]
+    fn geohash_matches_known_cells() {
+        // Reference values from the geohash definition (Niemeyer).
+        assert_eq!(geohash::encode(57.64911, 10.40744, 11), "u4pruydqqvj");
+        assert_eq!(geohash::encode(52.52, 13.405, 6), "u33dc0");
+        assert_eq!(geohash::encode(-90.0, -180.0, 3), "000");
+    }
+
+    #[test]
+    fn cover_holds_every_point_of_the_box() {
+        let cells = geohash::cover(52.50, 52.54, 13.38, 13.43, 5, 64).expect("few cells");
+        for i in 0..=20 {
+            for j in 0..=20 {
+                let lat = 52.50 + 0.04 * f64::from(i) / 20.0;
+                let lon = 13.38 + 0.05 * f64::from(j) / 20.0;
+                assert!(cells.contains(&geohash::encode(lat, lon, 5)), "{lat},{lon}");
+            }
+        }
+        assert!(
+            geohash::cover(-10.0, 10.0, -10.0, 10.0, 6, 64).is_none(),
+            "too many cells"
+        );
+        let across = geohash::cover(-17.9, -17.7, 179.9, -179.9, 5, 64).expect("antimeridian");
+        assert!(across.contains(&geohash::encode(-17.8, 179.95, 5)));
+        assert!(across.contains(&geohash::encode(-17.8, -179.95, 5)));
+    }
+
+    #[test]
+    fn envelopes_round_trip() {
+        let header = EnvelopeHeader {
+            id: "n1".into(),
+            published_ms: 5,
+            area: None,
+        };
+        let message = encode_envelope(&header, br#"{"type":"notification"}"#);
+        let (back, frame) = decode_envelope(&message).expect("envelope");
+        assert_eq!(back, header);
+        assert_eq!(frame, br#"{"type":"notification"}"#);
+        assert!(decode_envelope(b"no newline").is_none());
+    }
+}
