@@ -174,11 +174,50 @@ pub mod geohash {
     }
 }
 
+/// A position in a user's inbox: a Redis stream entry id `ms-seq`, ordered numerically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cursor {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl Cursor {
+    /// Parse `ms-seq` (or a bare `ms`, meaning `ms-0`).
+    pub fn parse(text: &str) -> Option<Cursor> {
+        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+        Some(Cursor {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// A new notification id: 26 characters of Crockford base32, time-ordered (a ULID: 48 bits
+/// of Unix ms, then 80 random bits supplied by the caller, since this crate does no I/O).
+pub fn notification_id(unix_ms: u64, random: u128) -> String {
+    const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let value: u128 =
+        (u128::from(unix_ms & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1u128 << 80) - 1));
+    (0..26)
+        .rev()
+        .map(|i| CROCKFORD[((value >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
 /// The header of a bus message; the client frame follows it after a newline, verbatim.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EnvelopeHeader {
     /// Notification id (for status counting and dedupe).
     pub id: String,
+    /// For user notifications: the inbox cursor of this notification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
     /// Unix ms when the publisher published, for the publish→socket latency.
     pub published_ms: i64,
     /// For geo envelopes: the exact area the node filters its clients with.
@@ -243,9 +282,29 @@ mod tests {
     }
 
     #[test]
+    fn cursors_order_numerically() {
+        let a = Cursor::parse("1763700000000-9").expect("cursor");
+        let b = Cursor::parse("1763700000000-10").expect("cursor");
+        assert!(a < b);
+        assert_eq!(b.to_string(), "1763700000000-10");
+        assert_eq!(Cursor::parse("5"), Some(Cursor { ms: 5, seq: 0 }));
+        assert_eq!(Cursor::parse("x-1"), None);
+    }
+
+    #[test]
+    fn notification_ids_are_ulids_in_time_order() {
+        let a = notification_id(1_763_700_000_000, u128::MAX);
+        let b = notification_id(1_763_700_000_001, 0);
+        assert_eq!(a.len(), 26);
+        assert!(a < b, "{a} < {b}");
+        assert!(a.starts_with("01K"), "{a}");
+    }
+
+    #[test]
     fn envelopes_round_trip() {
         let header = EnvelopeHeader {
             id: "n1".into(),
+            cursor: Some("1-0".into()),
             published_ms: 5,
             area: None,
         };
