@@ -10,6 +10,7 @@ use crate::session::socket::SocketWriter;
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
 use geopush_proto::CloseCode;
+use geopush_proto::bus::Cursor;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -44,6 +45,31 @@ pub enum Pushed {
     Overflowed,
     /// The session is already closing; the frame was dropped.
     Closing,
+    /// A user notification at or before the delivered cursor; not queued again.
+    Duplicate,
+    /// Held until the running replay ends.
+    Held,
+}
+
+/// Most delivered-but-unacked user notifications a session remembers for acks; older
+/// ones keep the stored cursor where it is (so they are replayed: at-least-once).
+const MAX_UNACKED: usize = 512;
+
+/// The session's position in its user's inbox. Created on the first user notification or
+/// replay, so a session that never gets one pays a pointer.
+#[derive(Default)]
+struct Feed {
+    /// The last inbox cursor queued to this session.
+    delivered: Option<Cursor>,
+    /// The generation of the replay running, if one is: live user notifications wait in
+    /// `held` meanwhile, so the client sees its inbox in order.
+    replaying: Option<u64>,
+    generation: u64,
+    held: Vec<(Cursor, Box<str>, Bytes)>,
+    /// Delivered notifications in cursor order, and whether each was acked.
+    unacked: VecDeque<(Cursor, Box<str>, bool)>,
+    /// The first notification delivered while `unacked` was full.
+    untracked_from: Option<Cursor>,
 }
 
 #[derive(Default)]
@@ -53,6 +79,72 @@ struct Queue {
     close: Option<CloseRequest>,
     /// The peer is gone: the writer stops without writing anything more.
     abandoned: bool,
+    feed: Option<Box<Feed>>,
+}
+
+impl Queue {
+    /// Queue a frame, or turn the session into a slow consumer when full.
+    fn push(&mut self, frame: Outgoing, capacity: usize, metrics: &Metrics) -> Pushed {
+        if self.close.is_some() {
+            metrics.queue_drops.inc();
+            return Pushed::Closing;
+        }
+        if self.frames.len() >= capacity {
+            return self.overflow(1, metrics);
+        }
+        self.frames.push_back(frame);
+        Pushed::Queued
+    }
+
+    /// The client is not keeping up: drop what waits (and `extra` frames not queued) and
+    /// close with 4009.
+    fn overflow(&mut self, extra: usize, metrics: &Metrics) -> Pushed {
+        let held = self
+            .feed
+            .as_mut()
+            .map_or(0, |f| std::mem::take(&mut f.held).len());
+        let dropped = self.frames.len() + extra + held + usize::from(self.nearby.is_some());
+        metrics.queue_drops.inc_by(dropped as u64);
+        self.frames = VecDeque::new();
+        self.nearby = None;
+        self.close = Some(CloseRequest {
+            code: CloseCode::SlowConsumer.as_u16(),
+            reason: "slow consumer",
+        });
+        Pushed::Overflowed
+    }
+
+    /// Queue a user notification unless this cursor was already delivered.
+    fn push_user(
+        &mut self,
+        cursor: Cursor,
+        id: &str,
+        json: Bytes,
+        since: Option<Instant>,
+        capacity: usize,
+        metrics: &Metrics,
+    ) -> Pushed {
+        let feed = self.feed.get_or_insert_with(Default::default);
+        if feed.delivered.is_some_and(|d| d >= cursor) {
+            return Pushed::Duplicate;
+        }
+        feed.delivered = Some(cursor);
+        if feed.unacked.len() < MAX_UNACKED {
+            feed.unacked.push_back((cursor, id.into(), false));
+        } else {
+            // Untracked from here on: the stored cursor must never pass this one.
+            feed.untracked_from.get_or_insert(cursor);
+        }
+        self.push(Outgoing::Text { json, since }, capacity, metrics)
+    }
+}
+
+/// What a replay step found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayStep {
+    Queued,
+    /// A newer replay (or the session's end) took over; stop this one.
+    Superseded,
 }
 
 struct Shared {
@@ -85,28 +177,133 @@ impl Outbound {
 
     /// Queue a frame. Never waits.
     pub fn push(&self, frame: Outgoing, metrics: &Metrics) -> Pushed {
+        let pushed = self.lock().push(frame, self.0.capacity, metrics);
+        self.0.wake.notify_one();
+        pushed
+    }
+
+    /// A live user notification: queued, held while a replay runs, or skipped when its
+    /// cursor was already delivered.
+    pub fn offer_user(
+        &self,
+        cursor: Cursor,
+        id: &str,
+        json: Bytes,
+        since: Option<Instant>,
+        metrics: &Metrics,
+    ) -> Pushed {
         let mut queue = self.lock();
-        if queue.close.is_some() {
-            metrics.queue_drops.inc();
-            return Pushed::Closing;
+        let capacity = self.0.capacity;
+        if let Some(feed) = queue.feed.as_mut()
+            && feed.replaying.is_some()
+        {
+            if feed.held.len() >= capacity {
+                // As many held as the queue holds: the client is not keeping up.
+                let pushed = queue.overflow(1, metrics);
+                drop(queue);
+                self.0.wake.notify_one();
+                return pushed;
+            }
+            feed.held.push((cursor, id.into(), json));
+            return Pushed::Held;
         }
-        if queue.frames.len() >= self.0.capacity {
-            let dropped = queue.frames.len() + 1 + usize::from(queue.nearby.is_some());
-            metrics.queue_drops.inc_by(dropped as u64);
-            queue.frames = VecDeque::new();
-            queue.nearby = None;
-            queue.close = Some(CloseRequest {
-                code: CloseCode::SlowConsumer.as_u16(),
-                reason: "slow consumer",
-            });
-            drop(queue);
-            self.0.wake.notify_one();
-            return Pushed::Overflowed;
-        }
-        queue.frames.push_back(frame);
+        let pushed = queue.push_user(cursor, id, json, since, capacity, metrics);
         drop(queue);
         self.0.wake.notify_one();
-        Pushed::Queued
+        pushed
+    }
+
+    /// Start a replay: live user notifications are held until [`Outbound::end_replay`].
+    /// With `from`, the delivered cursor moves there (an explicit `resume`). Returns the
+    /// replay's generation and the cursor to replay after.
+    pub fn begin_replay(&self, from: Option<Cursor>) -> (u64, Option<Cursor>) {
+        let mut queue = self.lock();
+        let feed = queue.feed.get_or_insert_with(Default::default);
+        feed.generation += 1;
+        feed.replaying = Some(feed.generation);
+        if from.is_some() {
+            feed.delivered = from;
+        }
+        (feed.generation, feed.delivered)
+    }
+
+    /// Queue one replayed notification (skipped when already delivered).
+    pub fn push_replayed(
+        &self,
+        generation: u64,
+        cursor: Cursor,
+        id: &str,
+        json: Bytes,
+        metrics: &Metrics,
+    ) -> ReplayStep {
+        let mut queue = self.lock();
+        let current = queue.feed.as_ref().and_then(|f| f.replaying);
+        if current != Some(generation) || queue.close.is_some() {
+            return ReplayStep::Superseded;
+        }
+        let capacity = self.0.capacity;
+        let pushed = queue.push_user(cursor, id, json, None, capacity, metrics);
+        drop(queue);
+        self.0.wake.notify_one();
+        if matches!(pushed, Pushed::Overflowed | Pushed::Closing) {
+            ReplayStep::Superseded
+        } else {
+            ReplayStep::Queued
+        }
+    }
+
+    /// End a replay: queue what was held meanwhile (in cursor order, skipping duplicates).
+    pub fn end_replay(&self, generation: u64, metrics: &Metrics) {
+        let mut queue = self.lock();
+        let capacity = self.0.capacity;
+        let Some(feed) = queue.feed.as_mut() else {
+            return;
+        };
+        if feed.replaying != Some(generation) {
+            return;
+        }
+        feed.replaying = None;
+        let mut held = std::mem::take(&mut feed.held);
+        held.sort_by_key(|(cursor, _, _)| *cursor);
+        for (cursor, id, json) in held {
+            queue.push_user(cursor, &id, json, None, capacity, metrics);
+        }
+        drop(queue);
+        self.0.wake.notify_one();
+    }
+
+    /// Mark notifications acked; the new stored cursor when the acked prefix grew.
+    pub fn ack(&self, ids: &[String]) -> Option<Cursor> {
+        let mut queue = self.lock();
+        let feed = queue.feed.as_mut()?;
+        for (_, id, acked) in feed.unacked.iter_mut() {
+            if ids.iter().any(|a| **a == **id) {
+                *acked = true;
+            }
+        }
+        let mut advanced = None;
+        while let Some((cursor, _, true)) = feed.unacked.front() {
+            if feed.untracked_from.is_some_and(|u| *cursor > u) {
+                break;
+            }
+            advanced = Some(*cursor);
+            feed.unacked.pop_front();
+        }
+        advanced
+    }
+
+    /// The last inbox cursor queued to this session.
+    pub fn delivered_cursor(&self) -> Option<Cursor> {
+        self.lock().feed.as_ref().and_then(|f| f.delivered)
+    }
+
+    /// Free places in the queue (a replay waits for room instead of overflowing it).
+    pub fn room(&self) -> usize {
+        self.0.capacity.saturating_sub(self.lock().frames.len())
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.0.capacity
     }
 
     /// Replace the pending `nearby` frame (latest wins).
@@ -294,6 +491,70 @@ mod tests {
         assert_eq!(out.push(text("a"), &metrics), Pushed::Queued);
         assert_eq!(metrics.queue_drops.get(), 9);
         assert!(out.close_requested().is_none());
+    }
+
+    fn cursor(ms: u64) -> Cursor {
+        Cursor { ms, seq: 0 }
+    }
+
+    #[test]
+    fn replay_holds_live_notifications_and_delivers_in_order() {
+        let metrics = Metrics::new();
+        let out = Outbound::new(16);
+        let json = || Bytes::from_static(b"{}");
+        assert_eq!(
+            out.offer_user(cursor(1), "a", json(), None, &metrics),
+            Pushed::Queued
+        );
+        let (generation, after) = out.begin_replay(None);
+        assert_eq!(after, Some(cursor(1)));
+        assert_eq!(
+            out.offer_user(cursor(4), "d", json(), None, &metrics),
+            Pushed::Held
+        );
+        assert_eq!(
+            out.push_replayed(generation, cursor(1), "a", json(), &metrics),
+            ReplayStep::Queued
+        );
+        assert_eq!(
+            out.push_replayed(generation, cursor(2), "b", json(), &metrics),
+            ReplayStep::Queued
+        );
+        assert_eq!(
+            out.push_replayed(generation, cursor(3), "c", json(), &metrics),
+            ReplayStep::Queued
+        );
+        out.end_replay(generation, &metrics);
+        assert_eq!(out.delivered_cursor(), Some(cursor(4)));
+        assert_eq!(
+            out.len(),
+            4,
+            "a, then b, c replayed, then the held d; the replayed a was a duplicate"
+        );
+        assert_eq!(
+            out.offer_user(cursor(4), "d", json(), None, &metrics),
+            Pushed::Duplicate
+        );
+        // A newer replay supersedes an older one.
+        let (old, _) = out.begin_replay(None);
+        let (_new, _) = out.begin_replay(Some(cursor(2)));
+        assert_eq!(
+            out.push_replayed(old, cursor(5), "e", json(), &metrics),
+            ReplayStep::Superseded
+        );
+    }
+
+    #[test]
+    fn ack_advances_only_over_an_acked_prefix() {
+        let metrics = Metrics::new();
+        let out = Outbound::new(16);
+        for (ms, id) in [(1, "a"), (2, "b"), (3, "c")] {
+            out.offer_user(cursor(ms), id, Bytes::from_static(b"{}"), None, &metrics);
+        }
+        assert_eq!(out.ack(&["b".into()]), None, "a is not acked yet");
+        assert_eq!(out.ack(&["a".into()]), Some(cursor(2)));
+        assert_eq!(out.ack(&["zzz".into()]), None);
+        assert_eq!(out.ack(&["c".into()]), Some(cursor(3)));
     }
 
     #[tokio::test]
