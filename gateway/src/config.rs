@@ -129,6 +129,10 @@ pub struct Config {
     #[arg(long, env = "GEOPUSH_GEOFENCE_EVENT_BUFFER", default_value_t = 10_000)]
     pub geofence_event_buffer: usize,
 
+    /// Notifications kept per user inbox (oldest dropped first).
+    #[arg(long, env = "GEOPUSH_INBOX_LEN", default_value_t = 1_000)]
+    pub inbox_len: usize,
+
     /// Most concurrent WebSocket sessions; upgrades past it get HTTP 503.
     #[arg(long, env = "GEOPUSH_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
@@ -304,6 +308,7 @@ impl Config {
         at_least_one("nearby_limit", self.nearby_limit)?;
         at_least_one("nearby_max_limit", self.nearby_max_limit)?;
         at_least_one("geofence_event_buffer", self.geofence_event_buffer)?;
+        at_least_one("inbox_len", self.inbox_len)?;
         if self.max_frame_bytes < 256 {
             return Err(ConfigError {
                 field: "max_frame_bytes",

@@ -9,6 +9,7 @@ use crate::geo::clients::SessionId;
 use crate::metrics::{KindLabel, Metrics};
 use crate::session::outbound::{Outbound, Outgoing, Pushed};
 use bytes::Bytes;
+use geopush_proto::bus::Cursor;
 use geopush_proto::frames::ServerFrame;
 use geopush_proto::{Area, Fix};
 use serde_json::value::RawValue;
@@ -274,6 +275,33 @@ impl Hub {
         self.metrics
             .deliveries
             .get_or_create(&KindLabel { kind })
+            .inc_by(queued as u64);
+        queued
+    }
+
+    /// Deliver a user notification with its inbox cursor to every session of the user;
+    /// sessions that already have the cursor skip it, sessions replaying hold it.
+    pub fn deliver_user(&self, user: &str, cursor: Cursor, id: &str, json: Bytes) -> usize {
+        let since = Some(Instant::now());
+        let registry = self.read();
+        let mut queued = 0;
+        for session in registry.by_user.get(user).into_iter().flatten() {
+            if let Some(entry) = registry.sessions.get(session) {
+                let pushed =
+                    entry
+                        .outbound
+                        .offer_user(cursor, id, json.clone(), since, &self.metrics);
+                if matches!(pushed, Pushed::Queued | Pushed::Held) {
+                    queued += 1;
+                }
+            }
+        }
+        drop(registry);
+        self.metrics
+            .deliveries
+            .get_or_create(&KindLabel {
+                kind: "notification",
+            })
             .inc_by(queued as u64);
         queued
     }

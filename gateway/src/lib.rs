@@ -6,6 +6,7 @@
 //! listener until a shutdown future resolves, then drains ([`drain`]).
 
 pub mod auth;
+pub mod bus;
 pub mod config;
 mod drain;
 pub mod geo;
@@ -13,6 +14,7 @@ mod http;
 pub mod hub;
 pub mod metrics;
 mod node;
+pub mod publish;
 pub mod session;
 
 pub use config::Config;
@@ -102,6 +104,11 @@ impl Gateway {
             .as_ref()
             .map(|s| s.recent())
             .unwrap_or_default()
+    }
+
+    /// A publisher into this node (single-node mode).
+    pub fn publisher(&self) -> publish::Publisher {
+        publish::Publisher::local(self.node.clone())
     }
 
     /// Deliver to this node's sessions.

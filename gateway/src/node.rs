@@ -1,6 +1,8 @@
 //! `Node`: the state one gateway process shares between its HTTP layer and its sessions.
 
 use crate::auth::TokenVerifier;
+use crate::bus::Bus;
+use crate::bus::memory::MemoryBus;
 use crate::config::Config;
 use crate::geo::PlacesReplica;
 use crate::geo::fences::{FenceRules, GeofenceSink, MemorySink};
@@ -21,6 +23,8 @@ pub struct Node {
     pub node_id: String,
     pub metrics: Arc<Metrics>,
     pub hub: Hub,
+    /// Inboxes, acks, and (with Redis) the other nodes.
+    pub bus: Bus,
     pub verifier: TokenVerifier,
     /// Announced to every client in `welcome`.
     pub limits: SessionLimits,
@@ -75,6 +79,7 @@ impl Node {
             geofence_sink: memory_sink.clone(),
             memory_sink: Some(memory_sink),
             hub: Hub::new(metrics.clone()),
+            bus: Bus::Memory(MemoryBus::new(config.inbox_len)),
             metrics,
             verifier,
             limits,

@@ -7,6 +7,7 @@
 //! Decoding never panics: bad bytes become a [`frames::DecodeError`] that names what was wrong,
 //! so the gateway can answer it with a precise `error` frame.
 
+pub mod api;
 pub mod area;
 pub mod bus;
 pub mod codes;

@@ -13,6 +13,7 @@ pub mod outbound;
 pub mod socket;
 
 use crate::auth::{Claims, TokenVerifier};
+use crate::bus::REPLAY_PAGE;
 use crate::geo::clients::SessionId;
 use crate::geo::fences::{FenceEvent, FenceTracker, GeofenceRecord};
 use crate::geo::nearby::NearbyTracker;
@@ -21,10 +22,11 @@ use crate::hub::SubscribeError;
 use crate::node::{ConnectionSlot, Node};
 use bytes::{Bytes, BytesMut};
 use fastwebsockets::{OpCode, Payload, Role, WebSocketError, WebSocketRead, after_handshake_split};
+use geopush_proto::bus::Cursor;
 use geopush_proto::frames::{ClientFrame, LocationFrame, ServerFrame, decode_client_frame};
 use geopush_proto::{CloseCode, ErrorCode, Fix};
 use hyper_util::rt::TokioIo;
-use outbound::{Outbound, Outgoing, run_writer};
+use outbound::{Outbound, Outgoing, ReplayStep, run_writer};
 use socket::{SessionSocket, SocketReader, SocketWriter};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -235,7 +237,7 @@ struct Session {
     node: Arc<Node>,
     id: SessionId,
     user: Arc<str>,
-    device: Box<str>,
+    device: Arc<str>,
     fences: FenceTracker,
     nearby: NearbyTracker,
     /// Where the last processed fix was, for geofence event records.
@@ -262,6 +264,74 @@ fn expiry_instant(claims: &Claims) -> Instant {
     let left = Duration::from_secs(TokenVerifier::seconds_left(claims).max(0) as u64);
     Instant::now() + left.min(MAX_TOKEN_LIFETIME)
 }
+
+/// Queue a user's inbox to a session: after `from` (an explicit `resume`), else after what
+/// the session already has, else after the device's stored ack cursor. Live notifications
+/// are held meanwhile, so the client sees its inbox in order; pages wait for room in the
+/// queue instead of overflowing it. A newer replay or the session's close stops this one.
+async fn replay(
+    node: Arc<Node>,
+    user: Arc<str>,
+    device: Arc<str>,
+    outbound: Outbound,
+    from: Option<Cursor>,
+) {
+    let (generation, delivered) = outbound.begin_replay(from);
+    let mut after = match delivered {
+        Some(cursor) => Some(cursor),
+        None => match node.bus.load_ack(&user, &device).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                warn!(user = %user, error = %e, "cannot load the ack cursor; replaying the whole inbox");
+                None
+            }
+        },
+    };
+    let half = outbound.capacity().div_ceil(2);
+    'pages: loop {
+        let page = match node
+            .bus
+            .inbox_after(&user, after, REPLAY_PAGE.min(half), unix_ms())
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                // The bus reconnect replays every session again; live delivery goes on.
+                warn!(user = %user, error = %e, "inbox replay interrupted");
+                break;
+            }
+        };
+        if page.is_empty() {
+            break;
+        }
+        for entry in &page {
+            if outbound.push_replayed(
+                generation,
+                entry.cursor,
+                &entry.id,
+                entry.frame(),
+                &node.metrics,
+            ) == ReplayStep::Superseded
+            {
+                return;
+            }
+            after = Some(entry.cursor);
+        }
+        while outbound.room() < half {
+            if outbound.close_requested().is_some() {
+                break 'pages;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(REPLAY_ROOM_POLL) => {}
+                () = node.hard_stop.cancelled() => break 'pages,
+            }
+        }
+    }
+    outbound.end_replay(generation, &node.metrics);
+}
+
+/// How often a replay waiting for room in the queue looks again.
+const REPLAY_ROOM_POLL: Duration = Duration::from_millis(10);
 
 /// Run a session on an upgraded connection until it ends. Holds the connection slot.
 pub(crate) async fn run(
@@ -338,6 +408,15 @@ pub(crate) async fn run(
         heartbeat_s: node.config.heartbeat_seconds,
         limits: &node.limits,
     });
+
+    // Replay what lies after this device's acked cursor, unasked.
+    node.tasks.spawn(replay(
+        node.clone(),
+        session.user.clone(),
+        session.device.clone(),
+        outbound.clone(),
+        None,
+    ));
 
     let writer = node.tasks.spawn(run_writer(
         ws_write,
@@ -649,17 +728,34 @@ impl Session {
             }
             ClientFrame::Refresh { token } => self.on_refresh(&token),
             ClientFrame::Ack { ids } => {
-                // Durable per-user delivery (and so acks) arrives with the Redis inbox.
-                debug!(session = self.id, acked = ids.len(), "ack");
+                if let Some(cursor) = self.outbound.ack(&ids) {
+                    self.node.bus.store_ack_in_background(
+                        &self.node,
+                        &self.user,
+                        &self.device,
+                        cursor,
+                    );
+                }
                 Flow::Continue
             }
-            ClientFrame::Resume { after } => {
-                debug!(
-                    session = self.id,
-                    after, "resume (no durable inbox on this node)"
-                );
-                Flow::Continue
-            }
+            ClientFrame::Resume { after } => match Cursor::parse(&after) {
+                Some(cursor) => {
+                    let node = self.node.clone();
+                    let task = replay(
+                        node.clone(),
+                        self.user.clone(),
+                        self.device.clone(),
+                        self.outbound.clone(),
+                        Some(cursor),
+                    );
+                    node.tasks.spawn(task);
+                    Flow::Continue
+                }
+                None => self.bad_frame(
+                    ErrorCode::BadRequest,
+                    "resume.after must be an inbox cursor like 1763700000000-0",
+                ),
+            },
         }
     }
 

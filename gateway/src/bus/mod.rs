@@ -1,0 +1,115 @@
+//! The bus: what connects a node to publishers and to the other nodes.
+//!
+//! Two implementations behind one type: [`memory::MemoryBus`] for single-node mode (the
+//! publisher delivers straight into this node's hub) and the Redis bus for a cluster of
+//! stateless nodes. Both keep every user's durable inbox and each device's acked cursor.
+
+pub mod memory;
+
+use bytes::Bytes;
+use geopush_proto::bus::Cursor;
+use geopush_proto::frames::ServerFrame;
+use serde_json::value::RawValue;
+use thiserror::Error;
+
+/// A bus operation failed (Redis unreachable, or a reply that makes no sense).
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("unexpected reply from the bus: {0}")]
+    Protocol(String),
+}
+
+/// A user notification as it sits in an inbox.
+#[derive(Clone, Debug)]
+pub struct StoredNotification {
+    pub cursor: Cursor,
+    pub id: String,
+    pub title: String,
+    pub body: String,
+    pub data: Option<Box<RawValue>>,
+    /// Unix ms of the publish.
+    pub ts: i64,
+    /// Unix ms after which it must not be delivered.
+    pub expires_ms: i64,
+}
+
+impl StoredNotification {
+    /// The `notification` frame, with its cursor.
+    pub fn frame(&self) -> Bytes {
+        let cursor = self.cursor.to_string();
+        Bytes::from(
+            ServerFrame::Notification {
+                id: &self.id,
+                cursor: Some(&cursor),
+                title: &self.title,
+                body: &self.body,
+                data: self.data.as_deref(),
+                ts: self.ts,
+            }
+            .to_json(),
+        )
+    }
+}
+
+/// Most inbox entries read per replay page.
+pub const REPLAY_PAGE: usize = 100;
+
+/// The bus of a node.
+pub enum Bus {
+    Memory(memory::MemoryBus),
+}
+
+impl Bus {
+    /// Inbox entries after `after` (all when `None`), oldest first, at most `count`, expired
+    /// ones skipped.
+    pub async fn inbox_after(
+        &self,
+        user: &str,
+        after: Option<Cursor>,
+        count: usize,
+        now_ms: i64,
+    ) -> Result<Vec<StoredNotification>, BusError> {
+        match self {
+            Bus::Memory(bus) => Ok(bus.inbox_after(user, after, count, now_ms)),
+        }
+    }
+
+    /// The acked cursor of a user's device.
+    pub async fn load_ack(&self, user: &str, device: &str) -> Result<Option<Cursor>, BusError> {
+        match self {
+            Bus::Memory(bus) => Ok(bus.load_ack(user, device)),
+        }
+    }
+
+    /// Store an acked cursor without making the caller wait (a session's reader is not
+    /// async); failures are logged, and the client's next ack stores a later cursor.
+    pub fn store_ack_in_background(
+        &self,
+        node: &std::sync::Arc<crate::node::Node>,
+        user: &str,
+        device: &str,
+        cursor: Cursor,
+    ) {
+        match self {
+            Bus::Memory(bus) => bus.store_ack(user, device, cursor),
+        }
+        let _ = node;
+    }
+
+    /// Store the acked cursor of a user's device (never moving it backwards).
+    pub async fn store_ack(
+        &self,
+        user: &str,
+        device: &str,
+        cursor: Cursor,
+    ) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(bus) => {
+                bus.store_ack(user, device, cursor);
+                Ok(())
+            }
+        }
+    }
+}
