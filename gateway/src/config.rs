@@ -60,6 +60,35 @@ pub struct Config {
     #[arg(long, env = "GEOPUSH_NODE_ID")]
     pub node_id: Option<String>,
 
+    /// Redis URL (`redis://host:port`), or a cluster's seed URLs separated by commas. Unset:
+    /// single-node mode with an in-memory bus.
+    #[arg(long, env = "GEOPUSH_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Treat the Redis URL as a Redis Cluster (sharded pub/sub); implied by several URLs.
+    #[arg(long, env = "GEOPUSH_REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
+
+    /// Prefix of every Redis key and channel.
+    #[arg(long, env = "GEOPUSH_REDIS_PREFIX", default_value = "gp:")]
+    pub redis_prefix: String,
+
+    /// How long a channel nobody holds stays subscribed (avoids churn on reconnects), seconds.
+    #[arg(
+        long,
+        env = "GEOPUSH_SUBSCRIPTION_LINGER_SECONDS",
+        default_value_t = 2.0
+    )]
+    pub subscription_linger_seconds: f64,
+
+    /// Interval of the end-to-end pub/sub probe, seconds.
+    #[arg(long, env = "GEOPUSH_BUS_PROBE_SECONDS", default_value_t = 5.0)]
+    pub bus_probe_seconds: f64,
+
+    /// A probe not back within this is a failure (resubscribe, replay), seconds.
+    #[arg(long, env = "GEOPUSH_BUS_PROBE_TIMEOUT_SECONDS", default_value_t = 2.0)]
+    pub bus_probe_timeout_seconds: f64,
+
     /// HS256/384/512 secret for client tokens. With no key at all, an insecure development
     /// secret is used and loudly logged.
     #[arg(long, env = "GEOPUSH_JWT_SECRET")]
@@ -275,6 +304,12 @@ impl Config {
         positive_seconds("drain_seconds", self.drain_seconds)?;
         positive_seconds("shutdown_grace_seconds", self.shutdown_grace_seconds)?;
         positive_seconds("write_timeout_seconds", self.write_timeout_seconds)?;
+        positive_seconds(
+            "subscription_linger_seconds",
+            self.subscription_linger_seconds,
+        )?;
+        positive_seconds("bus_probe_seconds", self.bus_probe_seconds)?;
+        positive_seconds("bus_probe_timeout_seconds", self.bus_probe_timeout_seconds)?;
         positive_seconds("reconnect_jitter_seconds", self.reconnect_jitter_seconds)?;
         at_least_one("max_connections", self.max_connections)?;
         at_least_one("queue_len", self.queue_len)?;
@@ -349,6 +384,15 @@ impl Config {
     }
     pub fn drain_window(&self) -> Duration {
         Duration::from_secs_f64(self.drain_seconds)
+    }
+    pub fn subscription_linger(&self) -> Duration {
+        Duration::from_secs_f64(self.subscription_linger_seconds)
+    }
+    pub fn bus_probe_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.bus_probe_seconds)
+    }
+    pub fn bus_probe_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.bus_probe_timeout_seconds)
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.write_timeout_seconds)

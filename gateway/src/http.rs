@@ -64,6 +64,9 @@ async fn route(
                     "text/plain",
                     "draining\n".into(),
                 )
+            } else if !node.is_ready() {
+                let why = "not ready: waiting for the bus or the places\n";
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why.into())
             } else {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             }

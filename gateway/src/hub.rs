@@ -4,12 +4,13 @@
 //! hands a frame serialized once to every matching session's outbound queue. Nothing here
 //! waits on a socket: a full queue closes its own session, never blocks the others.
 
+use crate::bus::redis::RedisBus;
 use crate::geo::ClientIndex;
 use crate::geo::clients::SessionId;
 use crate::metrics::{KindLabel, Metrics};
 use crate::session::outbound::{Outbound, Outgoing, Pushed};
 use bytes::Bytes;
-use geopush_proto::bus::Cursor;
+use geopush_proto::bus::{CELL_LEVELS, Cursor, Keys, geohash};
 use geopush_proto::frames::ServerFrame;
 use geopush_proto::{Area, Fix};
 use serde_json::value::RawValue;
@@ -76,8 +77,16 @@ impl Notification {
 
 struct SessionEntry {
     user: Arc<str>,
+    device: Arc<str>,
     outbound: Outbound,
     topics: Vec<String>,
+}
+
+/// A session as the bus's recovery sees it.
+pub struct SessionHandle {
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+    pub outbound: Outbound,
 }
 
 #[derive(Default)]
@@ -100,15 +109,53 @@ pub struct Hub {
     clients: Mutex<ClientIndex>,
     next_session: AtomicU64,
     metrics: Arc<Metrics>,
+    /// With the Redis bus: the channels this node's sessions hold.
+    channels: Option<(Arc<RedisBus>, Keys)>,
 }
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>) -> Hub {
+    pub fn new(metrics: Arc<Metrics>, channels: Option<Arc<RedisBus>>) -> Hub {
         Hub {
             registry: RwLock::new(Registry::default()),
             clients: Mutex::new(ClientIndex::new()),
             next_session: AtomicU64::new(1),
             metrics,
+            channels: channels.map(|bus| {
+                let keys = bus.keys.clone();
+                (bus, keys)
+            }),
+        }
+    }
+
+    fn acquire(&self, channel: impl FnOnce(&Keys) -> String) {
+        if let Some((bus, keys)) = &self.channels {
+            bus.acquire(channel(keys));
+        }
+    }
+
+    fn release(&self, channel: impl FnOnce(&Keys) -> String) {
+        if let Some((bus, keys)) = &self.channels {
+            bus.release(&channel(keys));
+        }
+    }
+
+    /// Hold the cell channels of `new` that `old` did not have, release the others.
+    fn move_cells(&self, old: Option<u64>, new: Option<u64>) {
+        if self.channels.is_none() {
+            return;
+        }
+        for level in CELL_LEVELS {
+            if let (Some(a), Some(b)) = (old, new)
+                && geohash::same_cell(a, b, level)
+            {
+                continue;
+            }
+            if let Some(old) = old {
+                self.release(|k| k.cell_channel(&geohash::from_bits(old, level)));
+            }
+            if let Some(new) = new {
+                self.acquire(|k| k.cell_channel(&geohash::from_bits(new, level)));
+            }
         }
     }
 
@@ -125,7 +172,8 @@ impl Hub {
     }
 
     /// Add a session; returns its id.
-    pub fn register(&self, user: Arc<str>, outbound: Outbound) -> SessionId {
+    pub fn register(&self, user: Arc<str>, device: Arc<str>, outbound: Outbound) -> SessionId {
+        self.acquire(|k| k.user_channel(&user));
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let mut registry = self.write();
         registry.by_user.entry(user.clone()).or_default().push(id);
@@ -133,6 +181,7 @@ impl Hub {
             id,
             SessionEntry {
                 user,
+                device,
                 outbound,
                 topics: Vec::new(),
             },
@@ -145,6 +194,10 @@ impl Hub {
         {
             let mut registry = self.write();
             if let Some(entry) = registry.sessions.remove(&id) {
+                self.release(|k| k.user_channel(&entry.user));
+                for topic in &entry.topics {
+                    self.release(|k| k.topic_channel(topic));
+                }
                 if let Some(ids) = registry.by_user.get_mut(&entry.user) {
                     ids.retain(|s| *s != id);
                     if ids.is_empty() {
@@ -162,15 +215,21 @@ impl Hub {
             }
         }
         let mut clients = self.clients();
-        clients.remove(id);
+        let cell = clients.remove(id);
         self.metrics.clients_indexed.set(clients.len() as i64);
+        drop(clients);
+        self.move_cells(cell, None);
     }
 
     /// Record a session's validated fix in the client index.
     pub fn update_position(&self, id: SessionId, fix: &Fix) {
         let mut clients = self.clients();
-        clients.update(id, fix.lat, fix.lon);
+        let (old, new) = clients.update(id, fix.lat, fix.lon);
         self.metrics.clients_indexed.set(clients.len() as i64);
+        drop(clients);
+        if old.is_none_or(|old| !geohash::same_cell(old, new, CELL_LEVELS[CELL_LEVELS.len() - 1])) {
+            self.move_cells(old, Some(new));
+        }
     }
 
     pub fn subscribe(
@@ -204,7 +263,11 @@ impl Hub {
         let Some(entry) = registry.sessions.get_mut(&id) else {
             return;
         };
+        let before = entry.topics.len();
         entry.topics.retain(|t| t != topic);
+        if entry.topics.len() < before {
+            self.release(|k| k.topic_channel(topic));
+        }
         if let Some(set) = registry.by_topic.get_mut(topic) {
             set.remove(&id);
             if set.is_empty() {
@@ -221,6 +284,42 @@ impl Hub {
     /// Number of sessions with a position in the client index.
     pub fn located_count(&self) -> usize {
         self.clients().len()
+    }
+
+    /// Every session, with its user and device (for replays after a bus outage).
+    pub fn sessions(&self) -> Vec<SessionHandle> {
+        self.read()
+            .sessions
+            .values()
+            .map(|e| SessionHandle {
+                user: e.user.clone(),
+                device: e.device.clone(),
+                outbound: e.outbound.clone(),
+            })
+            .collect()
+    }
+
+    /// Deliver a geo envelope that arrived on a cell channel: to the sessions in the area
+    /// whose cell at that level is the channel's, so a node subscribed to several cells of
+    /// one publish delivers once.
+    pub fn deliver_in_cell(&self, area: &Area, cell: &str, json: Bytes) -> usize {
+        let level = cell.len();
+        let recipients: Vec<SessionId> = {
+            let clients = self.clients();
+            let inside = match area {
+                Area::Circle(circle) => clients.sessions_in_circle(circle),
+                Area::Polygon(polygon) => clients.sessions_in_polygon(polygon),
+            };
+            inside
+                .into_iter()
+                .filter(|s| {
+                    clients
+                        .cell_of(*s)
+                        .is_some_and(|bits| geohash::from_bits(bits, level) == cell)
+                })
+                .collect()
+        };
+        self.deliver_to(&recipients, json, "notification")
     }
 
     /// Every session's outbound handle (for the drain).
@@ -256,12 +355,16 @@ impl Hub {
     /// Queue one serialized frame to every session the target reaches; returns how many
     /// sessions got it queued. `kind` labels the deliveries metric.
     pub fn deliver(&self, target: &Target, json: Bytes, kind: &'static str) -> usize {
-        let since = Some(Instant::now());
         let recipients = self.recipients(target);
+        self.deliver_to(&recipients, json, kind)
+    }
+
+    fn deliver_to(&self, recipients: &[SessionId], json: Bytes, kind: &'static str) -> usize {
+        let since = Some(Instant::now());
         let registry = self.read();
         let mut queued = 0;
         for id in recipients {
-            if let Some(entry) = registry.sessions.get(&id) {
+            if let Some(entry) = registry.sessions.get(id) {
                 let frame = Outgoing::Text {
                     json: json.clone(),
                     since,
@@ -320,13 +423,13 @@ mod tests {
     #[test]
     fn targets_reach_exactly_their_sessions() {
         let metrics = Arc::new(Metrics::new());
-        let hub = Hub::new(metrics.clone());
+        let hub = Hub::new(metrics.clone(), None);
         let alice_phone = Outbound::new(8);
         let alice_tablet = Outbound::new(8);
         let bob = Outbound::new(8);
-        let a1 = hub.register("alice".into(), alice_phone.clone());
-        let a2 = hub.register("alice".into(), alice_tablet.clone());
-        let b = hub.register("bob".into(), bob.clone());
+        let a1 = hub.register("alice".into(), "phone".into(), alice_phone.clone());
+        let a2 = hub.register("alice".into(), "tablet".into(), alice_tablet.clone());
+        let b = hub.register("bob".into(), "phone".into(), bob.clone());
         hub.subscribe(b, "traffic", 4).expect("subscribe");
         let fix = |lat, lon| Fix {
             lat,
@@ -372,8 +475,8 @@ mod tests {
 
     #[test]
     fn topic_limit_is_enforced() {
-        let hub = Hub::new(Arc::new(Metrics::new()));
-        let id = hub.register("u".into(), Outbound::new(1));
+        let hub = Hub::new(Arc::new(Metrics::new()), None);
+        let id = hub.register("u".into(), "d".into(), Outbound::new(1));
         hub.subscribe(id, "a", 1).expect("first");
         hub.subscribe(id, "a", 1).expect("same topic again is fine");
         assert_eq!(

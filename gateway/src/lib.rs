@@ -21,13 +21,17 @@ pub use config::Config;
 pub use hub::{Hub, Notification, Target};
 
 use auth::{KeyError, TokenVerifier};
+use bus::dispatch::{BusSignals, run_dispatcher, run_health};
+use bus::redis::{RedisBus, RedisTarget};
 use config::ConfigError;
 use node::Node;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -38,6 +42,10 @@ pub enum GatewayError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Keys(#[from] KeyError),
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
+    #[error("with a Redis URL, use Gateway::start (it connects first)")]
+    NeedsStart,
     #[error("cannot read places file {path}: {source}")]
     PlacesFile {
         path: String,
@@ -53,18 +61,52 @@ const MAX_REJECTED_ROWS_LOGGED: usize = 100;
 #[derive(Clone)]
 pub struct Gateway {
     node: Arc<Node>,
+    /// The Redis pushes, until `serve` starts the dispatcher.
+    pushes: Arc<Mutex<Option<mpsc::Receiver<redis::PushInfo>>>>,
 }
 
 impl Gateway {
     /// Validate the configuration and load the token keys.
     pub fn new(config: Config) -> Result<Gateway, GatewayError> {
+        if config.redis_url.is_some() {
+            return Err(GatewayError::NeedsStart);
+        }
+        Gateway::build(config, None)
+    }
+
+    /// Like [`Gateway::new`], and with `redis_url` set, connect to Redis first.
+    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        let Some(urls) = config.redis_url.clone() else {
+            return Gateway::build(config, None);
+        };
+        config.validate()?;
+        let target = RedisTarget::parse(&urls, config.redis_cluster);
+        let keys = geopush_proto::bus::Keys::new(config.redis_prefix.clone());
+        let (bus, pushes) = RedisBus::connect(
+            &target,
+            keys,
+            config.subscription_linger(),
+            config.inbox_len,
+        )
+        .await?;
+        Gateway::build(config, Some((Arc::new(bus), pushes)))
+    }
+
+    fn build(
+        config: Config,
+        redis: Option<(Arc<RedisBus>, mpsc::Receiver<redis::PushInfo>)>,
+    ) -> Result<Gateway, GatewayError> {
         config.validate()?;
         let verifier = TokenVerifier::from_config(&config)?;
         let node_id = config
             .node_id
             .clone()
             .unwrap_or_else(|| format!("gw-{:08x}", rand::random::<u32>()));
-        let node = Node::new(config, verifier, node_id);
+        let (bus, pushes) = match redis {
+            Some((bus, pushes)) => (Some(bus), Some(pushes)),
+            None => (None, None),
+        };
+        let node = Node::new(config, verifier, node_id, bus);
         if let Some(path) = &node.config.places_file {
             let text =
                 std::fs::read_to_string(path).map_err(|source| GatewayError::PlacesFile {
@@ -80,6 +122,7 @@ impl Gateway {
         node.metrics.places.set(node.places.snapshot().len() as i64);
         Ok(Gateway {
             node: Arc::new(node),
+            pushes: Arc::new(Mutex::new(pushes)),
         })
     }
 
@@ -108,7 +151,7 @@ impl Gateway {
 
     /// A publisher into this node (single-node mode).
     pub fn publisher(&self) -> publish::Publisher {
-        publish::Publisher::local(self.node.clone())
+        publish::Publisher::for_node(self.node.clone())
     }
 
     /// Deliver to this node's sessions.
@@ -147,6 +190,21 @@ impl Gateway {
             .map(|a| a.to_string())
             .unwrap_or_default();
         info!(addr = %addr, node = %node.node_id, "listening");
+        let pushes = self.pushes.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let (Some(bus), Some(pushes)) = (node.bus.redis().cloned(), pushes) {
+            let signals = Arc::new(BusSignals::default());
+            let stop = node.hard_stop.clone();
+            node.tasks.spawn(run_dispatcher(
+                node.clone(),
+                pushes,
+                signals.clone(),
+                stop.clone(),
+            ));
+            node.tasks
+                .spawn(run_health(node.clone(), bus.clone(), signals, stop.clone()));
+            node.tasks
+                .spawn(async move { bus.run_subscriber(stop).await });
+        }
         let stop_accepting = CancellationToken::new();
         let accept = node.tasks.spawn(http::accept_loop(
             node.clone(),

@@ -104,7 +104,9 @@ fn main() -> anyhow::Result<()> {
                 .context("starting tokio")?;
             runtime.block_on(async move {
                 tracing::info!(config = ?cli.config, "configuration");
-                let gateway = Gateway::new(cli.config.clone()).context("configuration")?;
+                let gateway = Gateway::start(cli.config.clone())
+                    .await
+                    .context("starting the gateway")?;
                 let listener = tokio::net::TcpListener::bind(cli.config.listen)
                     .await
                     .with_context(|| format!("binding {}", cli.config.listen))?;

@@ -54,6 +54,8 @@ pub struct Metrics {
     /// 1 when the bus is usable (always 1 with the in-memory bus).
     pub bus_up: Gauge,
     pub bus_reconnects: Counter,
+    /// End-to-end pub/sub probes that did not come back in time.
+    pub bus_probe_failures: Counter,
     /// Places in the replica.
     pub places: Gauge,
 }
@@ -94,6 +96,7 @@ impl Metrics {
             clients_indexed: Gauge::default(),
             bus_up: Gauge::default(),
             bus_reconnects: Counter::default(),
+            bus_probe_failures: Counter::default(),
             places: Gauge::default(),
             registry: Registry::default(),
         };

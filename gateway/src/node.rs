@@ -39,6 +39,8 @@ pub struct Node {
     pub memory_sink: Option<Arc<MemorySink>>,
     /// True once shutdown began: readiness fails, upgrades are refused.
     pub draining: AtomicBool,
+    /// True once the first places snapshot is in (at once without Redis).
+    pub places_loaded: AtomicBool,
     /// Sessions holding a slot (upgrades accepted and not yet ended).
     connections: AtomicUsize,
     /// Cancelled when the grace period is over: every task stops at once.
@@ -48,9 +50,14 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(config: Config, verifier: TokenVerifier, node_id: String) -> Node {
+    pub fn new(
+        config: Config,
+        verifier: TokenVerifier,
+        node_id: String,
+        bus: Option<Arc<crate::bus::redis::RedisBus>>,
+    ) -> Node {
         let metrics = Arc::new(Metrics::new());
-        metrics.bus_up.set(1);
+        metrics.bus_up.set(i64::from(bus.is_none()));
         let limits = SessionLimits {
             max_frame_bytes: config.max_frame_bytes,
             max_fixes_per_s: config.max_fixes_per_second,
@@ -78,8 +85,11 @@ impl Node {
             nearby_rules,
             geofence_sink: memory_sink.clone(),
             memory_sink: Some(memory_sink),
-            hub: Hub::new(metrics.clone()),
-            bus: Bus::Memory(MemoryBus::new(config.inbox_len)),
+            hub: Hub::new(metrics.clone(), bus.clone()),
+            bus: match bus {
+                Some(bus) => Bus::Redis(bus),
+                None => Bus::Memory(MemoryBus::new(config.inbox_len)),
+            },
             metrics,
             verifier,
             limits,
@@ -87,6 +97,7 @@ impl Node {
             node_id,
             config,
             draining: AtomicBool::new(false),
+            places_loaded: AtomicBool::new(true),
             connections: AtomicUsize::new(0),
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -95,6 +106,11 @@ impl Node {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Ready for traffic: not draining, the bus is subscribed, the places are loaded.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.bus.is_up() && self.places_loaded.load(Ordering::Acquire)
     }
 
     /// Take a connection slot, or `None` when the node is full.

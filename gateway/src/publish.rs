@@ -2,15 +2,24 @@
 //!
 //! User notifications are appended to each user's inbox *before* they are delivered, so a
 //! client that misses the live delivery gets it on replay. Area, place, topic and broadcast
-//! notifications reach the sessions connected at send time.
+//! notifications reach the sessions connected at send time (DESIGN §7).
+//!
+//! In single-node mode the publisher delivers straight into its node's hub. With Redis it
+//! publishes envelopes: on the user's channel, the topic's, the broadcast channel, or — for
+//! areas — once per geohash cell of the covering at the finest level with few cells, so only
+//! nodes with clients in those cells hear of it.
 
+use crate::bus::redis::{self as redis_bus, Conn, RedisTarget};
 use crate::bus::{Bus, StoredNotification};
 use crate::hub::{Notification, Target};
 use crate::node::Node;
 use geopush_proto::api::{NotificationRequest, PublishTarget, RequestError};
-use geopush_proto::bus::{Cursor, notification_id};
-use geopush_proto::place::PlaceFence;
-use geopush_proto::{Area, Circle};
+use geopush_proto::bus::{
+    CELL_LEVELS, Cursor, EnvelopeHeader, Keys, MAX_CELLS_PER_PUBLISH, encode_envelope, geohash,
+    notification_id,
+};
+use geopush_proto::place::{Place, PlaceFence};
+use geopush_proto::{Area, Circle, EARTH_RADIUS_M};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use thiserror::Error;
@@ -32,8 +41,8 @@ pub enum PublishError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Published {
     pub id: String,
-    /// Sessions the notification was queued to on this node (single-node mode), or the
-    /// inbox entries written (users).
+    /// Single-node mode: sessions the notification was queued to. With Redis: messages
+    /// published (one per user, cell, topic or broadcast).
     pub queued: usize,
 }
 
@@ -44,15 +53,122 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Publishes into this node (single-node mode, in-memory bus).
+enum Route {
+    /// Straight into this node's hub and in-memory inboxes.
+    Local(Arc<Node>),
+    /// Through Redis; `node` (when the publisher lives in a gateway) resolves places locally.
+    Redis {
+        conn: Conn,
+        keys: Keys,
+        inbox_len: usize,
+        node: Option<Arc<Node>>,
+    },
+}
+
+/// Publishes notifications. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
-    node: Arc<Node>,
+    route: Arc<Route>,
+}
+
+/// The area a place's fence covers.
+fn fence_area(place: &Place) -> Option<Area> {
+    match place.fence.as_ref()? {
+        PlaceFence::Circle { radius_m } => Some(Area::Circle(Circle {
+            lat: place.lat,
+            lon: place.lon,
+            radius_m: *radius_m,
+        })),
+        PlaceFence::Polygon(polygon) => Some(Area::Polygon(polygon.clone())),
+    }
+}
+
+/// The lat/lon box of an area: (lat_min, lat_max, lon_min, lon_max), `lon_min > lon_max`
+/// when it crosses the antimeridian.
+fn area_box(area: &Area) -> (f64, f64, f64, f64) {
+    match area {
+        Area::Circle(c) => {
+            let dlat = (c.radius_m / EARTH_RADIUS_M).to_degrees();
+            let (lat_min, lat_max) = (c.lat - dlat, c.lat + dlat);
+            if lat_min <= -90.0 || lat_max >= 90.0 {
+                return (lat_min.max(-90.0), lat_max.min(90.0), -180.0, 180.0);
+            }
+            let dlon = dlat / c.lat.to_radians().cos().max(1e-9);
+            if dlon >= 180.0 {
+                return (lat_min, lat_max, -180.0, 180.0);
+            }
+            let wrap = |lon: f64| {
+                if lon > 180.0 {
+                    lon - 360.0
+                } else if lon < -180.0 {
+                    lon + 360.0
+                } else {
+                    lon
+                }
+            };
+            (lat_min, lat_max, wrap(c.lon - dlon), wrap(c.lon + dlon))
+        }
+        Area::Polygon(p) => {
+            let (mut a, mut b, mut c, mut d) = (90.0f64, -90.0f64, 180.0f64, -180.0f64);
+            for [lon, lat] in p.rings.first().into_iter().flatten().copied() {
+                a = a.min(lat);
+                b = b.max(lat);
+                c = c.min(lon);
+                d = d.max(lon);
+            }
+            (a, b, c, d)
+        }
+    }
+}
+
+/// The cells to publish an area on: the finest level whose covering is small, or `None`
+/// (broadcast it; every node filters).
+pub fn cells_for_area(area: &Area) -> Option<Vec<String>> {
+    let (lat_min, lat_max, lon_min, lon_max) = area_box(area);
+    CELL_LEVELS.iter().rev().find_map(|&level| {
+        geohash::cover(
+            lat_min,
+            lat_max,
+            lon_min,
+            lon_max,
+            level,
+            MAX_CELLS_PER_PUBLISH,
+        )
+    })
 }
 
 impl Publisher {
-    pub(crate) fn local(node: Arc<Node>) -> Publisher {
-        Publisher { node }
+    /// The publisher of a gateway node: local in single-node mode, through Redis otherwise.
+    pub(crate) fn for_node(node: Arc<Node>) -> Publisher {
+        let route = match &node.bus {
+            Bus::Memory(_) => Route::Local(node),
+            Bus::Redis(bus) => Route::Redis {
+                conn: bus.commands(),
+                keys: bus.keys.clone(),
+                inbox_len: node.config.inbox_len,
+                node: Some(node.clone()),
+            },
+        };
+        Publisher {
+            route: Arc::new(route),
+        }
+    }
+
+    /// A standalone publisher through Redis (the worker, tests, tools).
+    pub async fn connect(
+        target: &RedisTarget,
+        prefix: &str,
+        inbox_len: usize,
+    ) -> Result<Publisher, PublishError> {
+        let conn = redis_bus::connect(target, None).await?;
+        Ok(Publisher {
+            route: Arc::new(Route::Redis {
+                conn,
+                keys: Keys::new(prefix),
+                inbox_len,
+                node: None,
+            }),
+        })
     }
 
     /// Validate and publish; returns the notification id.
@@ -60,58 +176,188 @@ impl Publisher {
         request.validate()?;
         let now_ms = unix_ms();
         let id = notification_id(now_ms as u64, rand::random());
-        let notification = Notification {
+        let stored = StoredNotification {
+            cursor: Cursor { ms: 0, seq: 0 },
             id: id.clone(),
-            cursor: None,
             title: request.title.clone(),
             body: request.body.clone(),
             data: request.data.clone(),
             ts: now_ms,
+            expires_ms: now_ms.saturating_add((request.ttl_s as i64).saturating_mul(1000)),
         };
-        let hub = &self.node.hub;
-        let queued = match &request.target {
-            PublishTarget::Users(users) => {
-                let mut queued = 0;
-                for user in users {
-                    let stored = StoredNotification {
-                        cursor: Cursor { ms: 0, seq: 0 },
+        let target = match &request.target {
+            PublishTarget::Place(place) => Target::Area(self.place_area(place).await?),
+            PublishTarget::Area(area) => Target::Area(area.clone()),
+            PublishTarget::Topic(topic) => Target::Topic(topic.clone()),
+            PublishTarget::All(_) => Target::All,
+            PublishTarget::Users(_) => Target::User(String::new()),
+        };
+        let users: &[String] = match &request.target {
+            PublishTarget::Users(users) => users,
+            _ => &[],
+        };
+        let queued = match &*self.route {
+            Route::Local(node) => {
+                if users.is_empty() {
+                    let notification = Notification {
                         id: id.clone(),
-                        title: notification.title.clone(),
-                        body: notification.body.clone(),
-                        data: notification.data.clone(),
+                        cursor: None,
+                        title: stored.title.clone(),
+                        body: stored.body.clone(),
+                        data: stored.data.clone(),
                         ts: now_ms,
-                        expires_ms: now_ms
-                            .saturating_add((request.ttl_s as i64).saturating_mul(1000)),
                     };
-                    let Bus::Memory(bus) = &self.node.bus;
-                    let cursor = bus.append(user, stored.clone(), now_ms);
-                    let stored = StoredNotification { cursor, ..stored };
-                    queued += hub.deliver_user(user, cursor, &id, stored.frame());
+                    node.hub.publish(&target, &notification)
+                } else {
+                    let Bus::Memory(bus) = &node.bus else {
+                        return Err(crate::bus::BusError::Unavailable(
+                            "local publisher without a memory bus".into(),
+                        )
+                        .into());
+                    };
+                    let mut queued = 0;
+                    for user in users {
+                        let cursor = bus.append(user, stored.clone(), now_ms);
+                        let entry = StoredNotification {
+                            cursor,
+                            ..stored.clone()
+                        };
+                        queued += node.hub.deliver_user(user, cursor, &id, entry.frame());
+                    }
+                    queued
                 }
-                queued
             }
-            PublishTarget::Place(place) => {
-                let places = self.node.places.snapshot();
-                let (_, entry) = places
-                    .get(place)
-                    .ok_or_else(|| PublishError::UnknownPlace(place.clone()))?;
-                let area = match &entry.place.fence {
-                    Some(PlaceFence::Circle { radius_m }) => Area::Circle(Circle {
-                        lat: entry.place.lat,
-                        lon: entry.place.lon,
-                        radius_m: *radius_m,
-                    }),
-                    Some(PlaceFence::Polygon(polygon)) => Area::Polygon(polygon.clone()),
-                    None => return Err(PublishError::PlaceWithoutFence(place.clone())),
+            Route::Redis {
+                conn,
+                keys,
+                inbox_len,
+                ..
+            } => {
+                let mut conn = conn.clone();
+                let header = |cursor: Option<Cursor>, area: Option<Area>| EnvelopeHeader {
+                    id: id.clone(),
+                    cursor: cursor.map(|c| c.to_string()),
+                    published_ms: now_ms,
+                    area,
                 };
-                hub.publish(&Target::Area(area), &notification)
+                let ttl_ms = (request.ttl_s as i64).saturating_mul(1000);
+                let mut published = 0;
+                for user in users {
+                    let cursor =
+                        redis_bus::append_inbox(&mut conn, keys, user, &stored, ttl_ms, *inbox_len)
+                            .await?;
+                    let entry = StoredNotification {
+                        cursor,
+                        ..stored.clone()
+                    };
+                    let message = encode_envelope(&header(Some(cursor), None), &entry.frame());
+                    redis_bus::publish(&mut conn, &keys.user_channel(user), &message).await?;
+                    published += 1;
+                }
+                if users.is_empty() {
+                    let frame = Notification {
+                        id: id.clone(),
+                        cursor: None,
+                        title: stored.title.clone(),
+                        body: stored.body.clone(),
+                        data: stored.data.clone(),
+                        ts: now_ms,
+                    }
+                    .to_frame();
+                    let messages: Vec<(String, Vec<u8>)> = match &target {
+                        Target::Topic(topic) => vec![(
+                            keys.topic_channel(topic),
+                            encode_envelope(&header(None, None), &frame),
+                        )],
+                        Target::Area(area) => match cells_for_area(area) {
+                            Some(cells) => {
+                                let message =
+                                    encode_envelope(&header(None, Some(area.clone())), &frame);
+                                cells
+                                    .iter()
+                                    .map(|cell| (keys.cell_channel(cell), message.clone()))
+                                    .collect()
+                            }
+                            None => vec![(
+                                keys.all_channel(),
+                                encode_envelope(&header(None, Some(area.clone())), &frame),
+                            )],
+                        },
+                        _ => vec![(
+                            keys.all_channel(),
+                            encode_envelope(&header(None, None), &frame),
+                        )],
+                    };
+                    for (channel, message) in &messages {
+                        redis_bus::publish(&mut conn, channel, message).await?;
+                    }
+                    published += messages.len();
+                }
+                published
             }
-            PublishTarget::Area(area) => hub.publish(&Target::Area(area.clone()), &notification),
-            PublishTarget::Topic(topic) => {
-                hub.publish(&Target::Topic(topic.clone()), &notification)
-            }
-            PublishTarget::All(_) => hub.publish(&Target::All, &notification),
         };
         Ok(Published { id, queued })
+    }
+
+    /// The area of a place's fence, from the local replica or the Redis places hash.
+    async fn place_area(&self, id: &str) -> Result<Area, PublishError> {
+        let node = match &*self.route {
+            Route::Local(node) => Some(node),
+            Route::Redis { node, .. } => node.as_ref(),
+        };
+        let place = match node {
+            Some(node) => node.places.snapshot().get(id).map(|(_, e)| e.place.clone()),
+            None => match &*self.route {
+                Route::Redis { conn, keys, .. } => {
+                    let mut conn = conn.clone();
+                    let feature: Option<String> = redis::cmd("HGET")
+                        .arg(keys.places())
+                        .arg(id)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| crate::bus::BusError::Unavailable(e.to_string()))?;
+                    feature.and_then(|f| Place::from_feature_json(&f).ok())
+                }
+                Route::Local(_) => None,
+            },
+        };
+        let place = place.ok_or_else(|| PublishError::UnknownPlace(id.to_owned()))?;
+        fence_area(&place).ok_or_else(|| PublishError::PlaceWithoutFence(id.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_areas_use_fine_cells_and_huge_ones_broadcast() {
+        let small = Area::Circle(Circle {
+            lat: 52.52,
+            lon: 13.405,
+            radius_m: 300.0,
+        });
+        let cells = cells_for_area(&small).expect("cells");
+        assert_eq!(cells[0].len(), 6, "{cells:?}");
+        assert!(cells.contains(&geohash::encode(52.52, 13.405, 6)));
+        let city = Area::Circle(Circle {
+            lat: 52.52,
+            lon: 13.405,
+            radius_m: 20_000.0,
+        });
+        assert!(cells_for_area(&city).expect("cells")[0].len() < 6);
+        let continent = Area::Circle(Circle {
+            lat: 50.0,
+            lon: 10.0,
+            radius_m: 1_000_000.0,
+        });
+        assert_eq!(cells_for_area(&continent), None);
+        let fiji = Area::Circle(Circle {
+            lat: -17.8,
+            lon: 179.99,
+            radius_m: 2_000.0,
+        });
+        let cells = cells_for_area(&fiji).expect("cells");
+        assert!(cells.contains(&geohash::encode(-17.8, -179.99, cells[0].len())));
     }
 }

@@ -80,17 +80,24 @@ impl Keys {
     }
 }
 
+/// The geohash levels (cell lengths) nodes subscribe and publishers choose from: about
+/// 39 km, 4.9 km and 1.2 km wide.
+pub const CELL_LEVELS: [usize; 3] = [4, 5, 6];
+/// A publisher uses the finest level whose covering of an area has at most this many cells
+/// (else it broadcasts the area and every node filters).
+pub const MAX_CELLS_PER_PUBLISH: usize = 16;
+
 /// Geohash cells (base32, as everyone spells them).
 pub mod geohash {
     const BASE32: &[u8; 32] = b"0123456789bcdefghjkmnpqrstuvwxyz";
 
-    /// The cell of a point at `precision` characters (1..=12).
-    pub fn encode(lat: f64, lon: f64, precision: usize) -> String {
+    /// The 60 interleaved bits of a point's 12-character cell; a cell of `precision`
+    /// characters is the top `5 × precision` of them.
+    pub fn bits(lat: f64, lon: f64) -> u64 {
         let (mut lat_range, mut lon_range) = ((-90.0, 90.0), (-180.0, 180.0));
-        let mut out = String::with_capacity(precision);
-        let (mut bits, mut value, mut even) = (0, 0usize, true);
-        while out.len() < precision {
-            let (range, coordinate) = if even {
+        let mut value = 0u64;
+        for bit in 0..60 {
+            let (range, coordinate) = if bit % 2 == 0 {
                 (&mut lon_range, lon)
             } else {
                 (&mut lat_range, lat)
@@ -103,15 +110,27 @@ pub mod geohash {
             } else {
                 range.1 = mid;
             }
-            even = !even;
-            bits += 1;
-            if bits == 5 {
-                out.push(BASE32[value] as char);
-                bits = 0;
-                value = 0;
-            }
         }
-        out
+        value
+    }
+
+    /// The cell at `precision` (1..=12) characters of 60-bit cell bits.
+    pub fn from_bits(bits: u64, precision: usize) -> String {
+        let precision = precision.clamp(1, 12);
+        (0..precision)
+            .map(|i| BASE32[((bits >> (55 - 5 * i)) & 31) as usize] as char)
+            .collect()
+    }
+
+    /// The same cell at `precision`? (Compares bit prefixes; no strings.)
+    pub fn same_cell(a: u64, b: u64, precision: usize) -> bool {
+        let shift = 60 - 5 * precision.clamp(1, 12);
+        a >> shift == b >> shift
+    }
+
+    /// The cell of a point at `precision` characters (1..=12).
+    pub fn encode(lat: f64, lon: f64, precision: usize) -> String {
+        from_bits(bits(lat, lon), precision)
     }
 
     /// Size of a cell at `precision` in degrees: (lat, lon).
@@ -260,6 +279,15 @@ mod tests {
         assert_eq!(geohash::encode(57.64911, 10.40744, 11), "u4pruydqqvj");
         assert_eq!(geohash::encode(52.52, 13.405, 6), "u33dc0");
         assert_eq!(geohash::encode(-90.0, -180.0, 3), "000");
+    }
+
+    #[test]
+    fn cell_bits_compare_by_level() {
+        let a = geohash::bits(52.52, 13.405);
+        let b = geohash::bits(52.5201, 13.4051);
+        assert!(geohash::same_cell(a, b, 6));
+        assert!(!geohash::same_cell(a, b, 12));
+        assert_eq!(geohash::from_bits(a, 6), "u33dc0");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! publisher delivers straight into this node's hub) and the Redis bus for a cluster of
 //! stateless nodes. Both keep every user's durable inbox and each device's acked cursor.
 
+pub mod dispatch;
 pub mod memory;
+pub mod redis;
 
 use bytes::Bytes;
 use geopush_proto::bus::Cursor;
@@ -59,6 +61,7 @@ pub const REPLAY_PAGE: usize = 100;
 /// The bus of a node.
 pub enum Bus {
     Memory(memory::MemoryBus),
+    Redis(std::sync::Arc<redis::RedisBus>),
 }
 
 impl Bus {
@@ -73,6 +76,7 @@ impl Bus {
     ) -> Result<Vec<StoredNotification>, BusError> {
         match self {
             Bus::Memory(bus) => Ok(bus.inbox_after(user, after, count, now_ms)),
+            Bus::Redis(bus) => bus.inbox_after(user, after, count, now_ms).await,
         }
     }
 
@@ -80,6 +84,7 @@ impl Bus {
     pub async fn load_ack(&self, user: &str, device: &str) -> Result<Option<Cursor>, BusError> {
         match self {
             Bus::Memory(bus) => Ok(bus.load_ack(user, device)),
+            Bus::Redis(bus) => bus.load_ack(user, device).await,
         }
     }
 
@@ -94,8 +99,31 @@ impl Bus {
     ) {
         match self {
             Bus::Memory(bus) => bus.store_ack(user, device, cursor),
+            Bus::Redis(bus) => {
+                let (bus, user, device) = (bus.clone(), user.to_owned(), device.to_owned());
+                node.tasks.spawn(async move {
+                    if let Err(e) = bus.store_ack(&user, &device, cursor).await {
+                        tracing::warn!(user, device, error = %e, "storing an ack cursor failed");
+                    }
+                });
+            }
         }
-        let _ = node;
+    }
+
+    /// The Redis bus, when this node has one.
+    pub fn redis(&self) -> Option<&std::sync::Arc<redis::RedisBus>> {
+        match self {
+            Bus::Redis(bus) => Some(bus),
+            Bus::Memory(_) => None,
+        }
+    }
+
+    /// Ready to deliver: always with the memory bus; with Redis, when subscribed.
+    pub fn is_up(&self) -> bool {
+        match self {
+            Bus::Memory(_) => true,
+            Bus::Redis(bus) => bus.is_up(),
+        }
     }
 
     /// Store the acked cursor of a user's device (never moving it backwards).
@@ -110,6 +138,7 @@ impl Bus {
                 bus.store_ack(user, device, cursor);
                 Ok(())
             }
+            Bus::Redis(bus) => bus.store_ack(user, device, cursor).await,
         }
     }
 }

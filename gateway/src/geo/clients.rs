@@ -6,6 +6,7 @@
 
 use super::{UnitVector, chord_squared_for_metres, lat_lon_box_bounds, unit_vector};
 use geo::{Contains, Coord, LineString, Point};
+use geopush_proto::bus::geohash;
 use geopush_proto::{Circle, Polygon};
 use rstar::{AABB, PointDistance, RTree, RTreeObject};
 use std::collections::HashMap;
@@ -39,6 +40,8 @@ struct LastPosition {
     lat: f64,
     lon: f64,
     position: UnitVector,
+    /// Geohash bits of the position (see `geopush_proto::bus::geohash`).
+    cell: u64,
 }
 
 /// Where every located client of this node is.
@@ -62,13 +65,21 @@ impl ClientIndex {
         self.positions.is_empty()
     }
 
-    /// Record a session's new position, replacing its previous one.
-    pub fn update(&mut self, session: SessionId, lat: f64, lon: f64) {
+    /// Record a session's new position, replacing its previous one. Returns the geohash
+    /// bits of the previous position (if any) and of the new one.
+    pub fn update(&mut self, session: SessionId, lat: f64, lon: f64) -> (Option<u64>, u64) {
         let position = unit_vector(lat, lon);
-        let new = LastPosition { lat, lon, position };
-        if let Some(old) = self.positions.insert(session, new) {
+        let cell = geohash::bits(lat, lon);
+        let new = LastPosition {
+            lat,
+            lon,
+            position,
+            cell,
+        };
+        let old = self.positions.insert(session, new);
+        if let Some(old) = old {
             if old.position == position {
-                return;
+                return (Some(old.cell), cell);
             }
             self.tree.remove(&ClientPoint {
                 position: old.position,
@@ -76,16 +87,22 @@ impl ClientIndex {
             });
         }
         self.tree.insert(ClientPoint { position, session });
+        (old.map(|o| o.cell), cell)
     }
 
-    /// Forget a session (it disconnected).
-    pub fn remove(&mut self, session: SessionId) {
-        if let Some(old) = self.positions.remove(&session) {
-            self.tree.remove(&ClientPoint {
-                position: old.position,
-                session,
-            });
-        }
+    /// Forget a session (it disconnected); the geohash bits of its last position.
+    pub fn remove(&mut self, session: SessionId) -> Option<u64> {
+        let old = self.positions.remove(&session)?;
+        self.tree.remove(&ClientPoint {
+            position: old.position,
+            session,
+        });
+        Some(old.cell)
+    }
+
+    /// The geohash bits of a session's last position.
+    pub fn cell_of(&self, session: SessionId) -> Option<u64> {
+        self.positions.get(&session).map(|p| p.cell)
     }
 
     /// The sessions within the circle, by great-circle distance.

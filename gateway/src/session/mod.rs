@@ -269,7 +269,7 @@ fn expiry_instant(claims: &Claims) -> Instant {
 /// the session already has, else after the device's stored ack cursor. Live notifications
 /// are held meanwhile, so the client sees its inbox in order; pages wait for room in the
 /// queue instead of overflowing it. A newer replay or the session's close stops this one.
-async fn replay(
+pub(crate) async fn replay(
     node: Arc<Node>,
     user: Arc<str>,
     device: Arc<str>,
@@ -378,12 +378,15 @@ pub(crate) async fn run(
 
     let outbound = Outbound::new(node.config.queue_len);
     let user: Arc<str> = claims.sub.as_str().into();
-    let id = node.hub.register(user.clone(), outbound.clone());
+    let device: Arc<str> = claims.device().into();
+    let id = node
+        .hub
+        .register(user.clone(), device.clone(), outbound.clone());
     let now = Instant::now();
     let mut session = Session {
         id,
         user,
-        device: claims.device().into(),
+        device,
         fences: FenceTracker::default(),
         nearby: NearbyTracker::new(&node.nearby_rules),
         last_position: None,
