@@ -22,7 +22,9 @@ pub use hub::{Hub, Notification, Target};
 
 use auth::{KeyError, TokenVerifier};
 use bus::dispatch::{BusSignals, run_dispatcher, run_health};
-use bus::redis::{RedisBus, RedisTarget};
+use bus::events::{RedisEventSink, run_event_writer};
+use bus::places_sync::run_places_sync;
+use bus::redis::{Conn, RedisBus, RedisTarget};
 use config::ConfigError;
 use node::Node;
 use std::future::Future;
@@ -57,12 +59,20 @@ pub enum GatewayError {
 /// Most rejected place rows logged one by one at start; the rest are counted.
 const MAX_REJECTED_ROWS_LOGGED: usize = 100;
 
+/// What a Redis-backed node starts its bus tasks with.
+struct RedisParts {
+    bus: Arc<RedisBus>,
+    pushes: mpsc::Receiver<redis::PushInfo>,
+    places_conn: Conn,
+    events: Option<mpsc::Receiver<geo::fences::GeofenceRecord>>,
+}
+
 /// A gateway node. Cheap to clone; every clone is the same node.
 #[derive(Clone)]
 pub struct Gateway {
     node: Arc<Node>,
-    /// The Redis pushes, until `serve` starts the dispatcher.
-    pushes: Arc<Mutex<Option<mpsc::Receiver<redis::PushInfo>>>>,
+    /// The Redis parts `serve` starts tasks on.
+    redis: Arc<Mutex<Option<RedisParts>>>,
 }
 
 impl Gateway {
@@ -89,24 +99,41 @@ impl Gateway {
             config.inbox_len,
         )
         .await?;
-        Gateway::build(config, Some((Arc::new(bus), pushes)))
+        // Following the places log blocks its connection: it gets one of its own.
+        let places_conn = bus::redis::connect(&target, None).await?;
+        let parts = RedisParts {
+            bus: Arc::new(bus),
+            pushes,
+            places_conn,
+            events: None,
+        };
+        Gateway::build(config, Some(parts))
     }
 
-    fn build(
-        config: Config,
-        redis: Option<(Arc<RedisBus>, mpsc::Receiver<redis::PushInfo>)>,
-    ) -> Result<Gateway, GatewayError> {
+    fn build(config: Config, redis: Option<RedisParts>) -> Result<Gateway, GatewayError> {
         config.validate()?;
         let verifier = TokenVerifier::from_config(&config)?;
         let node_id = config
             .node_id
             .clone()
             .unwrap_or_else(|| format!("gw-{:08x}", rand::random::<u32>()));
-        let (bus, pushes) = match redis {
-            Some((bus, pushes)) => (Some(bus), Some(pushes)),
-            None => (None, None),
-        };
-        let node = Node::new(config, verifier, node_id, bus);
+        if redis.is_some() && config.places_file.is_some() {
+            return Err(GatewayError::Config(ConfigError {
+                field: "places_file",
+                reason:
+                    "with Redis, places come from the Redis store (import them with the places API)"
+                        .into(),
+            }));
+        }
+        let mut redis = redis;
+        let bus = redis.as_ref().map(|r| r.bus.clone());
+        let metrics = Arc::new(metrics::Metrics::new());
+        let event_sink = redis.as_mut().map(|parts| {
+            let (sink, events) = RedisEventSink::new(metrics.clone());
+            parts.events = Some(events);
+            Arc::new(sink) as Arc<dyn geo::fences::GeofenceSink>
+        });
+        let node = Node::new(config, verifier, node_id, metrics, bus, event_sink);
         if let Some(path) = &node.config.places_file {
             let text =
                 std::fs::read_to_string(path).map_err(|source| GatewayError::PlacesFile {
@@ -122,8 +149,22 @@ impl Gateway {
         node.metrics.places.set(node.places.snapshot().len() as i64);
         Ok(Gateway {
             node: Arc::new(node),
-            pushes: Arc::new(Mutex::new(pushes)),
+            redis: Arc::new(Mutex::new(redis)),
         })
+    }
+
+    /// The Redis places store of this node's bus (`None` in single-node mode).
+    pub fn places_store(&self) -> Option<bus::places_sync::PlacesStore> {
+        let bus = self.node.bus.redis()?;
+        Some(bus::places_sync::PlacesStore::new(
+            bus.commands(),
+            bus.keys.clone(),
+        ))
+    }
+
+    /// Whether the node is ready for traffic (what `/readyz` answers).
+    pub fn is_ready(&self) -> bool {
+        self.node.is_ready()
     }
 
     /// Every place this node knows.
@@ -190,8 +231,14 @@ impl Gateway {
             .map(|a| a.to_string())
             .unwrap_or_default();
         info!(addr = %addr, node = %node.node_id, "listening");
-        let pushes = self.pushes.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let (Some(bus), Some(pushes)) = (node.bus.redis().cloned(), pushes) {
+        let redis = self.redis.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(RedisParts {
+            bus,
+            pushes,
+            places_conn,
+            events,
+        }) = redis
+        {
             let signals = Arc::new(BusSignals::default());
             let stop = node.hard_stop.clone();
             node.tasks.spawn(run_dispatcher(
@@ -202,6 +249,22 @@ impl Gateway {
             ));
             node.tasks
                 .spawn(run_health(node.clone(), bus.clone(), signals, stop.clone()));
+            node.tasks.spawn(run_places_sync(
+                node.clone(),
+                places_conn,
+                bus.keys.clone(),
+                stop.clone(),
+            ));
+            if let Some(events) = events {
+                let writer = run_event_writer(
+                    bus.commands(),
+                    bus.keys.clone(),
+                    events,
+                    node.metrics.clone(),
+                    stop.clone(),
+                );
+                node.tasks.spawn(writer);
+            }
             node.tasks
                 .spawn(async move { bus.run_subscriber(stop).await });
         }

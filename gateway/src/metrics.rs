@@ -54,6 +54,8 @@ pub struct Metrics {
     /// 1 when the bus is usable (always 1 with the in-memory bus).
     pub bus_up: Gauge,
     pub bus_reconnects: Counter,
+    /// Geofence events that could not be handed to the event stream.
+    pub geofence_events_dropped: Counter,
     /// End-to-end pub/sub probes that did not come back in time.
     pub bus_probe_failures: Counter,
     /// Places in the replica.
@@ -97,6 +99,7 @@ impl Metrics {
             bus_up: Gauge::default(),
             bus_reconnects: Counter::default(),
             bus_probe_failures: Counter::default(),
+            geofence_events_dropped: Counter::default(),
             places: Gauge::default(),
             registry: Registry::default(),
         };

@@ -54,9 +54,11 @@ impl Node {
         config: Config,
         verifier: TokenVerifier,
         node_id: String,
+        metrics: Arc<Metrics>,
         bus: Option<Arc<crate::bus::redis::RedisBus>>,
+        event_sink: Option<Arc<dyn GeofenceSink>>,
     ) -> Node {
-        let metrics = Arc::new(Metrics::new());
+        let redis_mode = bus.is_some();
         metrics.bus_up.set(i64::from(bus.is_none()));
         let limits = SessionLimits {
             max_frame_bytes: config.max_frame_bytes,
@@ -78,13 +80,21 @@ impl Node {
             max_limit: config.nearby_max_limit,
             min_move_m: config.nearby_min_move_m,
         };
-        let memory_sink = Arc::new(MemorySink::new(config.geofence_event_buffer));
+        let memory_sink = match &bus {
+            None => Some(Arc::new(MemorySink::new(config.geofence_event_buffer))),
+            Some(_) => None,
+        };
+        let geofence_sink: Arc<dyn GeofenceSink> = match (&memory_sink, event_sink) {
+            (Some(memory), _) => memory.clone(),
+            (None, Some(redis)) => redis,
+            (None, None) => Arc::new(MemorySink::new(config.geofence_event_buffer)),
+        };
         Node {
             places: PlacesReplica::new(),
             fence_rules,
             nearby_rules,
-            geofence_sink: memory_sink.clone(),
-            memory_sink: Some(memory_sink),
+            geofence_sink,
+            memory_sink,
             hub: Hub::new(metrics.clone(), bus.clone()),
             bus: match bus {
                 Some(bus) => Bus::Redis(bus),
@@ -97,7 +107,7 @@ impl Node {
             node_id,
             config,
             draining: AtomicBool::new(false),
-            places_loaded: AtomicBool::new(true),
+            places_loaded: AtomicBool::new(!redis_mode),
             connections: AtomicUsize::new(0),
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),

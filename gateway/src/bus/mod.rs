@@ -5,7 +5,9 @@
 //! stateless nodes. Both keep every user's durable inbox and each device's acked cursor.
 
 pub mod dispatch;
+pub mod events;
 pub mod memory;
+pub mod places_sync;
 pub mod redis;
 
 use bytes::Bytes;

@@ -364,9 +364,10 @@ impl PlacesReplica {
     /// Insert or replace some places and delete others, keeping the rest.
     pub fn apply(&self, upserts: Vec<Place>, deletes: &[String]) {
         let current = self.snapshot();
+        let deletes: std::collections::HashSet<&str> = deletes.iter().map(String::as_str).collect();
         let mut places: Vec<Place> = current
             .places()
-            .filter(|e| !deletes.contains(&e.place.id))
+            .filter(|e| !deletes.contains(e.place.id.as_str()))
             .map(|e| e.place.clone())
             .collect();
         places.extend(upserts);

@@ -1,0 +1,293 @@
+//! Places through Redis: the store that writes them (the places API, tools, tests) and the
+//! follower that keeps every node's replica in sync.
+//!
+//! The store writes the `gp:places` hash (id → GeoJSON Feature) and appends each change to
+//! the capped `gp:places:log` stream. A node loads the hash at start, then follows the log
+//! with a blocking `XREAD` on a connection of its own. If the log was trimmed past the last
+//! entry the node applied (the stream's `max-deleted-entry-id` says so), or Redis went away,
+//! the node reloads the whole hash: a node can fall behind but never diverges.
+
+use super::BusError;
+use super::redis::Conn;
+use crate::node::Node;
+use geopush_proto::bus::{Cursor, Keys};
+use geopush_proto::place::Place;
+use redis::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Entries the places log keeps (approximately).
+pub const PLACES_LOG_LEN: usize = 10_000;
+/// How long one `XREAD` blocks, milliseconds.
+const FOLLOW_BLOCK_MS: u64 = 1_000;
+/// Most log entries applied at once.
+const FOLLOW_BATCH: usize = 1_000;
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+/// Writes places to Redis for every node to pick up.
+#[derive(Clone)]
+pub struct PlacesStore {
+    conn: Conn,
+    keys: Keys,
+}
+
+impl PlacesStore {
+    pub fn new(conn: Conn, keys: Keys) -> PlacesStore {
+        PlacesStore { conn, keys }
+    }
+
+    /// A store on its own connection (the worker, tools, tests).
+    pub async fn connect(
+        target: &super::redis::RedisTarget,
+        prefix: &str,
+    ) -> Result<PlacesStore, BusError> {
+        Ok(PlacesStore::new(
+            super::redis::connect(target, None).await?,
+            Keys::new(prefix),
+        ))
+    }
+
+    /// Insert or replace places (one hash write and one log entry each, pipelined).
+    pub async fn upsert(&self, places: &[Place]) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        for chunk in places.chunks(500) {
+            let mut pipe = redis::pipe();
+            for place in chunk {
+                let feature = place.to_feature().to_string();
+                pipe.cmd("HSET")
+                    .arg(self.keys.places())
+                    .arg(&place.id)
+                    .arg(&feature)
+                    .ignore();
+                pipe.cmd("XADD")
+                    .arg(self.keys.places_log())
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(PLACES_LOG_LEN)
+                    .arg("*")
+                    .arg("op")
+                    .arg("upsert")
+                    .arg("id")
+                    .arg(&place.id)
+                    .arg("f")
+                    .arg(&feature)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Delete places by id.
+    pub async fn delete(&self, ids: &[String]) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HDEL").arg(self.keys.places()).arg(id).ignore();
+            pipe.cmd("XADD")
+                .arg(self.keys.places_log())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(PLACES_LOG_LEN)
+                .arg("*")
+                .arg("op")
+                .arg("delete")
+                .arg("id")
+                .arg(id)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Trim the log to at most `len` entries (exactly), for operators and tests.
+    pub async fn trim_log(&self, len: usize) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("XTRIM")
+            .arg(self.keys.places_log())
+            .arg("MAXLEN")
+            .arg(len)
+            .query_async::<Value>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+/// The id of the newest log entry, or `0-0`.
+async fn log_head(conn: &mut Conn, keys: &Keys) -> Result<Cursor, BusError> {
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
+        .arg(keys.places_log())
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    Ok(entries
+        .first()
+        .and_then(|(id, _)| Cursor::parse(id))
+        .unwrap_or(Cursor { ms: 0, seq: 0 }))
+}
+
+/// Every place in the hash; rows that no longer parse are skipped with a warning.
+async fn load_snapshot(conn: &mut Conn, keys: &Keys) -> Result<Vec<Place>, BusError> {
+    let all: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.places())
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    let mut places = Vec::with_capacity(all.len());
+    for (id, feature) in all {
+        match Place::from_feature_json(&feature) {
+            Ok(place) => places.push(place),
+            Err(e) => warn!(id, error = %e, "stored place does not parse; skipped"),
+        }
+    }
+    Ok(places)
+}
+
+/// Whether entries after `applied` were trimmed away before we read them.
+async fn trimmed_past(conn: &mut Conn, keys: &Keys, applied: Cursor) -> Result<bool, BusError> {
+    let info: Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(keys.places_log())
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    let pairs: Vec<(String, Value)> = match info {
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .filter_map(|(k, v)| redis::from_redis_value::<String>(k).ok().map(|k| (k, v)))
+            .collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|kv| {
+                Some((
+                    redis::from_redis_value::<String>(kv.first()?.clone()).ok()?,
+                    kv.get(1)?.clone(),
+                ))
+            })
+            .collect(),
+        _ => return Ok(false),
+    };
+    let max_deleted = pairs
+        .iter()
+        .find(|(k, _)| k == "max-deleted-entry-id")
+        .and_then(|(_, v)| redis::from_redis_value::<String>(v.clone()).ok())
+        .and_then(|id| Cursor::parse(&id));
+    Ok(max_deleted.is_some_and(|deleted| deleted > applied))
+}
+
+/// Load the snapshot, then follow the log until `stop`; reload after trims and outages.
+pub async fn run_places_sync(node: Arc<Node>, mut conn: Conn, keys: Keys, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    'reload: loop {
+        // Read the log head before the hash: changes after it are replayed from the log.
+        let snapshot = async {
+            let head = log_head(&mut conn, &keys).await?;
+            let places = load_snapshot(&mut conn, &keys).await?;
+            Ok::<_, BusError>((head, places))
+        };
+        let (mut applied, places) = tokio::select! {
+            result = snapshot => match result {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    warn!(error = %e, "places snapshot failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue 'reload;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        backoff = Duration::from_millis(100);
+        info!(places = places.len(), "places snapshot loaded");
+        node.places.replace(places);
+        node.metrics.places.set(node.places.snapshot().len() as i64);
+        node.places_loaded.store(true, Ordering::Release);
+        loop {
+            let mut command = redis::cmd("XREAD");
+            command
+                .arg("COUNT")
+                .arg(FOLLOW_BATCH)
+                .arg("BLOCK")
+                .arg(FOLLOW_BLOCK_MS)
+                .arg("STREAMS")
+                .arg(keys.places_log())
+                .arg(applied.to_string());
+            let read = command
+                .query_async::<Option<Vec<(String, Vec<(String, HashMap<String, String>)>)>>>(
+                    &mut conn,
+                );
+            let streams = tokio::select! {
+                result = read => match result {
+                    Ok(streams) => streams.unwrap_or_default(),
+                    Err(e) => {
+                        warn!(error = %e, "following the places log failed; reloading");
+                        continue 'reload;
+                    }
+                },
+                () = stop.cancelled() => return,
+            };
+            let mut upserts = Vec::new();
+            let mut deletes = Vec::new();
+            let mut last = applied;
+            for (_, entries) in streams {
+                for (id, fields) in entries {
+                    if let Some(cursor) = Cursor::parse(&id) {
+                        last = last.max(cursor);
+                    }
+                    match (fields.get("op").map(String::as_str), fields.get("id")) {
+                        (Some("upsert"), Some(_)) => {
+                            match fields.get("f").map(|f| Place::from_feature_json(f)) {
+                                Some(Ok(place)) => {
+                                    deletes.retain(|d: &String| *d != place.id);
+                                    upserts.retain(|p: &Place| p.id != place.id);
+                                    upserts.push(place);
+                                }
+                                _ => warn!(entry = id, "places log entry does not parse; skipped"),
+                            }
+                        }
+                        (Some("delete"), Some(place)) => {
+                            upserts.retain(|p: &Place| p.id != *place);
+                            deletes.push(place.clone());
+                        }
+                        _ => warn!(entry = id, "unknown places log entry; skipped"),
+                    }
+                }
+            }
+            match trimmed_past(&mut conn, &keys, applied).await {
+                Ok(true) => {
+                    warn!("places log trimmed past this node's position; reloading the snapshot");
+                    continue 'reload;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "checking the places log failed; reloading");
+                    continue 'reload;
+                }
+            }
+            if !upserts.is_empty() || !deletes.is_empty() {
+                // Upserted places replace older versions of themselves.
+                let mut replaced: Vec<String> = upserts.iter().map(|p| p.id.clone()).collect();
+                replaced.extend(deletes);
+                node.places.apply(upserts, &replaced);
+                node.metrics.places.set(node.places.snapshot().len() as i64);
+            }
+            applied = last;
+        }
+    }
+}
