@@ -61,6 +61,60 @@ fn is_valid_peer_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
+/// Bytes read at once while the parser is parked; a frame that fits is parsed in place.
+const SMALL_READ: usize = 512;
+
+/// `bytes` as exactly one complete, final, masked frame with a short payload, unmasked —
+/// or `None` for anything else (fragments, several frames, partial frames, reserved bits,
+/// unknown opcodes, unmasked or oversized frames), which fastwebsockets then parses and,
+/// where it must, refuses.
+fn single_small_frame(bytes: &[u8], max_frame_bytes: usize) -> Option<InFrame> {
+    let (&first, &second) = (bytes.first()?, bytes.get(1)?);
+    let fin = first & 0x80 != 0;
+    let reserved = first & 0x70;
+    let opcode = match first & 0x0F {
+        0x1 => OpCode::Text,
+        0x2 => OpCode::Binary,
+        0x8 => OpCode::Close,
+        0x9 => OpCode::Ping,
+        0xA => OpCode::Pong,
+        _ => return None,
+    };
+    let masked = second & 0x80 != 0;
+    if !fin || reserved != 0 || !masked {
+        return None;
+    }
+    let (head_len, payload_len) = match second & 0x7F {
+        126 => (
+            4,
+            usize::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?])),
+        ),
+        127 => return None,
+        short => (2, usize::from(short)),
+    };
+    let is_control = matches!(opcode, OpCode::Close | OpCode::Ping | OpCode::Pong);
+    if payload_len > max_frame_bytes || (is_control && payload_len > 125) {
+        return None;
+    }
+    let mask_end = head_len + 4;
+    if bytes.len() != mask_end + payload_len {
+        return None;
+    }
+    let mask = &bytes[head_len..mask_end];
+    let payload: BytesMut = bytes[mask_end..]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ mask[i % 4])
+        .collect();
+    Some(InFrame {
+        fin,
+        opcode,
+        masked,
+        wire_len: bytes.len() as u64,
+        payload,
+    })
+}
+
 /// The frame parser, or nothing while the session is idle.
 enum FrameReader {
     Parked,
@@ -102,12 +156,32 @@ async fn read_next(
 ) -> (FrameReader, Result<InFrame, WebSocketError>) {
     let mut parser = match reader {
         FrameReader::Active(parser) => parser,
-        FrameReader::Parked => {
+        FrameReader::Parked => loop {
             if let Err(e) = socket.readable().await {
                 return (FrameReader::Parked, Err(e.into()));
             }
-            new_parser(&socket, None, max_frame_bytes)
-        }
+            // The common case, one small complete frame, is parsed from the stack; anything
+            // else goes to fastwebsockets with these bytes in front.
+            let mut buf = [0u8; SMALL_READ];
+            match socket.try_read(&mut buf) {
+                Ok(0) => return (FrameReader::Parked, Err(WebSocketError::UnexpectedEOF)),
+                Ok(n) => match single_small_frame(&buf[..n], max_frame_bytes) {
+                    Some(frame) => {
+                        socket.count_read(n);
+                        return (FrameReader::Parked, Ok(frame));
+                    }
+                    None => {
+                        break new_parser(
+                            &socket,
+                            Some(Bytes::copy_from_slice(&buf[..n])),
+                            max_frame_bytes,
+                        );
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return (FrameReader::Parked, Err(e.into())),
+            }
+        },
     };
     let result = parser
         .read_frame(&mut |_| std::future::ready(Ok::<(), Infallible>(())))
@@ -862,6 +936,70 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut out = vec![0x80 | opcode];
+        if payload.len() < 126 {
+            out.push(0x80 | payload.len() as u8);
+        } else {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    #[test]
+    fn small_complete_frames_parse_in_place_and_the_rest_is_left_to_the_parser() {
+        let text = br#"{"type":"ping","id":1}"#;
+        let frame = single_small_frame(&masked(0x1, text), 16_384).expect("one text frame");
+        assert_eq!(
+            (frame.opcode, &frame.payload[..], frame.wire_len),
+            (OpCode::Text, &text[..], 6 + text.len() as u64)
+        );
+        let long = vec![b'x'; 300];
+        let frame = single_small_frame(&masked(0x1, &long), 16_384).expect("16-bit length");
+        assert_eq!(frame.payload.len(), 300);
+        assert!(
+            single_small_frame(&masked(0xA, b""), 16_384).is_some(),
+            "empty pong"
+        );
+
+        let mut two = masked(0x1, text);
+        two.extend(masked(0x1, text));
+        assert!(single_small_frame(&two, 16_384).is_none(), "two frames");
+        let whole = masked(0x1, text);
+        assert!(
+            single_small_frame(&whole[..whole.len() - 1], 16_384).is_none(),
+            "partial"
+        );
+        let mut fragment = masked(0x1, text);
+        fragment[0] &= 0x7F;
+        assert!(single_small_frame(&fragment, 16_384).is_none(), "not final");
+        let mut reserved = masked(0x1, text);
+        reserved[0] |= 0x40;
+        assert!(
+            single_small_frame(&reserved, 16_384).is_none(),
+            "reserved bit"
+        );
+        let mut unmasked = masked(0x1, text);
+        unmasked[1] &= 0x7F;
+        assert!(single_small_frame(&unmasked, 16_384).is_none(), "unmasked");
+        assert!(
+            single_small_frame(&masked(0x3, b""), 16_384).is_none(),
+            "unknown opcode"
+        );
+        assert!(
+            single_small_frame(&masked(0x9, &[0; 126]), 16_384).is_none(),
+            "long ping"
+        );
+        assert!(
+            single_small_frame(&masked(0x1, &long), 100).is_none(),
+            "over the frame limit"
+        );
+    }
 
     #[test]
     fn peer_close_codes_follow_rfc_6455() {

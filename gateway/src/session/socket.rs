@@ -34,6 +34,16 @@ impl SessionSocket {
         self.bytes_read.load(Ordering::Relaxed)
     }
 
+    /// Read what is there without waiting (`WouldBlock` when nothing is).
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.try_read(buf)
+    }
+
+    /// Count bytes read outside the parser (the small-frame fast path).
+    pub fn count_read(&self, n: usize) {
+        self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// Wait until the socket has bytes (or EOF/error) without reading them.
     ///
     /// # Cancel safety
