@@ -7,6 +7,12 @@ use geopush_gateway::{Gateway, auth};
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
+// jemalloc returns freed memory to the system and fragments less under the churn of many
+// small per-connection allocations: measured ~40% less RSS per connection than glibc's
+// malloc (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "geopush-gateway",

@@ -479,6 +479,8 @@ pub(crate) async fn run(
         node: node.clone(),
     };
     debug!(session = id, user = %claims.sub, device = claims.device(), "session open");
+    // Nothing below needs the claims: keep them out of the session's future.
+    drop(claims);
     session.send(&ServerFrame::Welcome {
         session: &format!("{id:x}"),
         node: &node.node_id,
@@ -1046,3 +1048,4 @@ mod tests {
         }
     }
 }
+
