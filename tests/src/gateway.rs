@@ -2,6 +2,10 @@
 //!
 //! It holds the shutdown trigger and the serve task; [`TestGateway::shutdown`] drains and
 //! waits for `serve` to return, and dropping it triggers the shutdown without waiting.
+//!
+//! A node of a Redis-backed fleet starts with [`TestGateway::start_redis`] (it connects to
+//! Redis first, as `Gateway::start` does) from a [`redis_config`], and is ready for traffic
+//! once [`TestGateway::wait_ready`] saw `/readyz` answer 200.
 
 use crate::prom::Exposition;
 use crate::tokens::TEST_SECRET;
@@ -25,6 +29,21 @@ pub fn test_config() -> Config {
     config
 }
 
+/// [`test_config`] for a node of a fleet sharing `redis_url` (one URL, or a cluster's seeds
+/// separated by commas): its own `node_id` (probe channels are per node), a short
+/// subscription linger so that tests see channels released, and a quick bus probe so that
+/// outages are noticed within about a second.
+pub fn redis_config(redis_url: &str, cluster: bool, node_id: &str) -> Config {
+    let mut config = test_config();
+    config.redis_url = Some(redis_url.to_owned());
+    config.redis_cluster = cluster;
+    config.node_id = Some(node_id.to_owned());
+    config.subscription_linger_seconds = 0.3;
+    config.bus_probe_seconds = 0.5;
+    config.bus_probe_timeout_seconds = 1.0;
+    config
+}
+
 /// A gateway serving on a loopback port chosen by the kernel.
 pub struct TestGateway {
     gateway: Gateway,
@@ -37,6 +56,20 @@ impl TestGateway {
     /// Validate `config`, bind `127.0.0.1:0` and serve (its `listen` field is ignored).
     pub async fn start(config: Config) -> anyhow::Result<TestGateway> {
         let gateway = Gateway::new(config).context("gateway configuration")?;
+        TestGateway::serve(gateway).await
+    }
+
+    /// Like [`TestGateway::start`] for a `config` that may name a Redis URL: connects to
+    /// Redis first (`Gateway::start`). The node is not ready before its bus is subscribed:
+    /// see [`TestGateway::wait_ready`].
+    pub async fn start_redis(config: Config) -> anyhow::Result<TestGateway> {
+        let gateway = Gateway::start(config)
+            .await
+            .context("starting a gateway with Redis")?;
+        TestGateway::serve(gateway).await
+    }
+
+    async fn serve(gateway: Gateway) -> anyhow::Result<TestGateway> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding 127.0.0.1:0")?;
@@ -68,6 +101,25 @@ impl TestGateway {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The status of `GET /readyz` over HTTP.
+    pub async fn readyz(&self) -> anyhow::Result<u16> {
+        Ok(crate::http::get(self.addr, "/readyz").await?.status)
+    }
+
+    /// Wait until `GET /readyz` answers 200 (with Redis: the bus subscribed its probe
+    /// channel and the probe came back).
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let addr = self.addr;
+        crate::wait::eventually_async(
+            &format!("{addr} /readyz to answer 200"),
+            crate::WAIT_TIMEOUT,
+            || async move {
+                matches!(crate::http::get(addr, "/readyz").await, Ok(r) if r.status == 200)
+            },
+        )
+        .await
     }
 
     pub fn gateway(&self) -> &Gateway {

@@ -6,6 +6,11 @@
 //! [`raw::RawWsClient`] for frames a conforming library refuses to send), real HTTP
 //! ([`http`]). Nothing is mocked.
 //!
+//! With Redis: [`redis`] starts real `redis-server` processes (a standalone server, a
+//! durable one that survives SIGKILL, a three-master cluster) on free ports, and [`fleet`]
+//! runs several gateway nodes on one of them, with the delivery checks the multi-node and
+//! cluster tests share.
+//!
 //! Waiting is always on a condition with a bounded timeout ([`wait::eventually`]), never a
 //! fixed sleep; reads always carry a timeout.
 //!
@@ -13,17 +18,19 @@
 //! `cargo build --workspace --bins` first, or the process tests (`drain.rs`) fail and say so.
 
 pub mod client;
+pub mod fleet;
 pub mod gateway;
 pub mod geometry;
 pub mod http;
 pub mod process;
 pub mod prom;
 pub mod raw;
+pub mod redis;
 pub mod tokens;
 pub mod wait;
 
 pub use client::{WsClient, WsEvent};
-pub use gateway::{TestGateway, test_config};
+pub use gateway::{TestGateway, redis_config, test_config};
 pub use process::GatewayProcess;
 pub use raw::RawWsClient;
 

@@ -175,6 +175,30 @@ impl GatewayProcess {
         Ok(())
     }
 
+    /// SIGKILL this child (by its PID, through `Child::kill`) and reap it: no drain, no
+    /// goodbye to its clients or to Redis.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait().context("try_wait")? {
+            bail!("the gateway had already exited ({status})");
+        }
+        self.child.kill().context("SIGKILL")?;
+        self.child.wait().context("reaping the gateway")
+    }
+
+    /// Wait until `GET /readyz` answers 200.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let addr = self.addr;
+        crate::wait::eventually_async(
+            &format!("{addr} /readyz to answer 200"),
+            crate::WAIT_TIMEOUT,
+            || async move {
+                matches!(crate::http::get(addr, "/readyz").await, Ok(r) if r.status == 200)
+            },
+        )
+        .await
+        .with_context(|| format!("logs:\n{}", self.logs_text()))
+    }
+
     /// Poll until the child exits, up to `within`.
     pub async fn wait_exit(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + within;
