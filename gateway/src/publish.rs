@@ -192,6 +192,16 @@ impl Publisher {
             PublishTarget::All(_) => Target::All,
             PublishTarget::Users(_) => Target::User(String::new()),
         };
+        // The frame of everything but user notifications (those carry their cursor).
+        let live_frame = Notification {
+            id: id.clone(),
+            cursor: None,
+            title: stored.title.clone(),
+            body: stored.body.clone(),
+            data: stored.data.clone(),
+            ts: now_ms,
+        }
+        .to_frame();
         let users: &[String] = match &request.target {
             PublishTarget::Users(users) => users,
             _ => &[],
@@ -199,15 +209,7 @@ impl Publisher {
         let queued = match &*self.route {
             Route::Local(node) => {
                 if users.is_empty() {
-                    let notification = Notification {
-                        id: id.clone(),
-                        cursor: None,
-                        title: stored.title.clone(),
-                        body: stored.body.clone(),
-                        data: stored.data.clone(),
-                        ts: now_ms,
-                    };
-                    node.hub.publish(&target, &notification)
+                    node.hub.deliver(&target, live_frame, "notification")
                 } else {
                     let Bus::Memory(bus) = &node.bus else {
                         return Err(crate::bus::BusError::Unavailable(
@@ -255,15 +257,7 @@ impl Publisher {
                     published += 1;
                 }
                 if users.is_empty() {
-                    let frame = Notification {
-                        id: id.clone(),
-                        cursor: None,
-                        title: stored.title.clone(),
-                        body: stored.body.clone(),
-                        data: stored.data.clone(),
-                        ts: now_ms,
-                    }
-                    .to_frame();
+                    let frame = live_frame;
                     let messages: Vec<(String, Vec<u8>)> = match &target {
                         Target::Topic(topic) => vec![(
                             keys.topic_channel(topic),

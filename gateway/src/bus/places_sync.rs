@@ -87,23 +87,32 @@ impl PlacesStore {
         Ok(())
     }
 
+    /// Add a change-log entry for `id` to the pipeline (more fields may follow).
+    fn log<'p>(
+        &self,
+        pipe: &'p mut redis::Pipeline,
+        op: &str,
+        id: &str,
+    ) -> &'p mut redis::Pipeline {
+        pipe.cmd("XADD")
+            .arg(self.keys.places_log())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(PLACES_LOG_LEN)
+            .arg("*")
+            .arg("op")
+            .arg(op)
+            .arg("id")
+            .arg(id)
+    }
+
     /// Delete places by id.
     pub async fn delete(&self, ids: &[String]) -> Result<(), BusError> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         for id in ids {
             pipe.cmd("HDEL").arg(self.keys.places()).arg(id).ignore();
-            pipe.cmd("XADD")
-                .arg(self.keys.places_log())
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(PLACES_LOG_LEN)
-                .arg("*")
-                .arg("op")
-                .arg("delete")
-                .arg("id")
-                .arg(id)
-                .ignore();
+            self.log(&mut pipe, "delete", id).ignore();
         }
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
