@@ -795,7 +795,7 @@ pub async fn connecting_while_publishing_loses_nothing(fleet: &Fleet) -> anyhow:
         let users = users.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut accepted: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
             let mut round = 0;
             while !stop.is_cancelled() {
                 for user in &users {
@@ -804,7 +804,10 @@ pub async fn connecting_while_publishing_loses_nothing(fleet: &Fleet) -> anyhow:
                         .publish(&to_users(&[user], &title, 3600))
                         .await
                         .with_context(|| format!("publishing {title}"))?;
-                    accepted.entry(user.clone()).or_default().push(published.id);
+                    accepted
+                        .entry(user.clone())
+                        .or_default()
+                        .push((title, published.id));
                 }
                 round += 1;
             }
@@ -840,6 +843,7 @@ pub async fn connecting_while_publishing_loses_nothing(fleet: &Fleet) -> anyhow:
             .await
             .with_context(|| user.clone())?;
         let mut cursors = Vec::new();
+        let mut titles = Vec::new();
         let mut ids = HashSet::new();
         for frame in frames.iter().filter(|f| f["type"] == "notification") {
             let cursor = frame["cursor"]
@@ -847,27 +851,84 @@ pub async fn connecting_while_publishing_loses_nothing(fleet: &Fleet) -> anyhow:
                 .and_then(geopush_proto::bus::Cursor::parse)
                 .with_context(|| format!("{user}: cursor of {frame}"))?;
             cursors.push(cursor);
-            ids.insert(frame["id"].as_str().unwrap_or_default().to_owned());
+            titles.push(frame["title"].as_str().unwrap_or_default().to_owned());
+            ids.insert(id_of(frame));
         }
         ensure!(
             cursors.windows(2).all(|w| w[0] < w[1]),
-            "{user}: notifications out of inbox order or twice: {cursors:?}"
+            "{user}: notifications out of inbox order or twice: {titles:?}"
         );
         let want = accepted.get(user).map(Vec::as_slice).unwrap_or_default();
-        let lost: Vec<&String> = want.iter().filter(|id| !ids.contains(*id)).collect();
+        let lost: Vec<&String> = want
+            .iter()
+            .filter(|(_, id)| !ids.contains(id))
+            .map(|(title, _)| title)
+            .collect();
         if !lost.is_empty() {
             missing.push(format!(
-                "{user}: {} of {} missing, e.g. {:?}",
-                lost.len(),
-                want.len(),
-                lost.first()
+                "{user} (node-{}) never got {lost:?} of {} accepted; it received {titles:?}",
+                users.iter().position(|u| u == user).unwrap_or(0) % n,
+                want.len()
             ));
         }
     }
     ensure!(
         missing.is_empty(),
-        "accepted notifications never delivered: {}",
-        missing.join("; ")
+        "accepted notifications never delivered (each user's titles count up from 0):\n{}",
+        missing.join("\n")
     );
     Ok(())
+}
+
+/// Many clients connect at once (spread over the nodes, each also sending a fix so that
+/// its node has cell channels to subscribe as well), and the moment each one has its
+/// `welcome`, a notification is published to its user. The session exists, so the
+/// notification must reach it: from the inbox replay if the replay reads it, else live.
+/// Published after the replay read the inbox and before the node's subscription to the
+/// user's channel took effect, it would reach neither way.
+pub async fn published_right_after_welcome_arrives(fleet: &Fleet) -> anyhow::Result<()> {
+    let n = fleet.nodes().len();
+    let users: Vec<String> = (0..48).map(|i| format!("eager-{i}")).collect();
+    let connecting = users.iter().enumerate().map(|(i, user)| async move {
+        let mut client = fleet.connect(i % n, user, "phone").await?;
+        let published = publish(fleet.publisher(), &to_users(&[user], "hello", 3600)).await?;
+        client
+            .send_fix(52.3 + 0.002 * i as f64, 13.2 + 0.003 * i as f64)
+            .await?;
+        anyhow::Ok((client, published.id))
+    });
+    let mut clients = Vec::new();
+    for client in join_all(connecting).await {
+        clients.push(client?);
+    }
+    let waiting = clients
+        .iter_mut()
+        .zip(&users)
+        .map(|((client, id), user)| async move {
+            match client.frames_before(id, READ_TIMEOUT).await {
+                Ok(_) => None,
+                Err(_) => Some(user.clone()),
+            }
+        });
+    let lost: Vec<String> = join_all(waiting).await.into_iter().flatten().collect();
+    if lost.is_empty() {
+        return Ok(());
+    }
+    // What Redis says about the first lost one: stored, and its channel subscribed by now.
+    let user = &lost[0];
+    let subscribers = fleet
+        .redis
+        .subscribers(&fleet.keys().user_channel(user))
+        .await?;
+    let mut commands = fleet.redis.commands().await?;
+    let stored: u64 = commands
+        .query(redis::cmd("XLEN").arg(fleet.keys().inbox(user)))
+        .await?;
+    bail!(
+        "{} of {} sessions never got the notification published right after their welcome \
+         (within {READ_TIMEOUT:?}): {lost:?}; {user}'s inbox holds {stored} entries and its \
+         channel has {subscribers} subscriber(s) now",
+        lost.len(),
+        users.len()
+    )
 }

@@ -78,6 +78,14 @@ async fn clients_connecting_while_notifications_flow_lose_none() {
         .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_published_right_after_welcome_arrives() {
+    let fleet = fleet_of_three().await;
+    fleet::published_right_after_welcome_arrives(&fleet)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
 /// Read notifications until every id of `wanted` was seen; the ids in the order first seen
 /// (duplicates dropped: a `resume` replays again, at-least-once).
 async fn until_seen(client: &mut WsClient, wanted: &[String]) -> Vec<String> {
