@@ -1,13 +1,14 @@
 //! `ClientIndex`: the node's R-tree of connected clients' last positions.
 //!
-//! Each session's entry is kept beside the tree (`positions`), so a move is a targeted
-//! remove of the old point plus an insert of the new one; area queries pre-select with the
-//! tree and then apply the exact test.
+//! Each session's entry is kept beside the tree (`positions`): a small move only updates
+//! the entry, a larger one is a targeted remove of the old point plus an insert of the new
+//! one (see [`TREE_SLACK_M`]); area queries pre-select with the tree, widened by the slack,
+//! and then apply the exact test to the exact position.
 
 use super::{UnitVector, chord_squared_for_metres, lat_lon_box_bounds, unit_vector};
 use geo::{Contains, Coord, LineString, Point};
 use geopush_proto::bus::geohash;
-use geopush_proto::{Circle, Polygon};
+use geopush_proto::{Circle, EARTH_RADIUS_M, Polygon};
 use rstar::{AABB, PointDistance, RTree, RTreeObject};
 use std::collections::HashMap;
 
@@ -34,14 +35,27 @@ impl PointDistance for ClientPoint {
     }
 }
 
-/// The last known position of a client, in both forms the index needs.
+/// A client's point in the tree moves only when the client is farther than this from it
+/// (metres). Most fixes of a walking or standing phone are smaller moves, and an R-tree
+/// move (remove + insert) costs microseconds while a map write costs nanoseconds; queries
+/// widen their search by this much and then test the exact position.
+pub const TREE_SLACK_M: f64 = 25.0;
+
+/// The last known position of a client, in the forms the index needs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct LastPosition {
     lat: f64,
     lon: f64,
+    /// The exact position.
     position: UnitVector,
+    /// Where the client's point sits in the tree (within `TREE_SLACK_M` of `position`).
+    tree_position: UnitVector,
     /// Geohash bits of the position (see `geopush_proto::bus::geohash`).
     cell: u64,
+}
+
+fn chord2(a: &UnitVector, b: &UnitVector) -> f64 {
+    (0..3).map(|i| (a[i] - b[i]).powi(2)).sum()
 }
 
 /// Where every located client of this node is.
@@ -70,31 +84,45 @@ impl ClientIndex {
     pub fn update(&mut self, session: SessionId, lat: f64, lon: f64) -> (Option<u64>, u64) {
         let position = unit_vector(lat, lon);
         let cell = geohash::bits(lat, lon);
-        let new = LastPosition {
-            lat,
-            lon,
-            position,
-            cell,
-        };
-        let old = self.positions.insert(session, new);
-        if let Some(old) = old {
-            if old.position == position {
-                return (Some(old.cell), cell);
+        if let Some(last) = self.positions.get_mut(&session) {
+            let old_cell = last.cell;
+            let tree_position = last.tree_position;
+            *last = LastPosition {
+                lat,
+                lon,
+                position,
+                tree_position,
+                cell,
+            };
+            if chord2(&tree_position, &position) > chord_squared_for_metres(TREE_SLACK_M) {
+                last.tree_position = position;
+                self.tree.remove(&ClientPoint {
+                    position: tree_position,
+                    session,
+                });
+                self.tree.insert(ClientPoint { position, session });
             }
-            self.tree.remove(&ClientPoint {
-                position: old.position,
-                session,
-            });
+            return (Some(old_cell), cell);
         }
+        self.positions.insert(
+            session,
+            LastPosition {
+                lat,
+                lon,
+                position,
+                tree_position: position,
+                cell,
+            },
+        );
         self.tree.insert(ClientPoint { position, session });
-        (old.map(|o| o.cell), cell)
+        (None, cell)
     }
 
     /// Forget a session (it disconnected); the geohash bits of its last position.
     pub fn remove(&mut self, session: SessionId) -> Option<u64> {
         let old = self.positions.remove(&session)?;
         self.tree.remove(&ClientPoint {
-            position: old.position,
+            position: old.tree_position,
             session,
         });
         Some(old.cell)
@@ -108,9 +136,15 @@ impl ClientIndex {
     /// The sessions within the circle, by great-circle distance.
     pub fn sessions_in_circle(&self, circle: &Circle) -> Vec<SessionId> {
         let center = unit_vector(circle.lat, circle.lon);
-        let chord2 = chord_squared_for_metres(circle.radius_m);
+        let exact = chord_squared_for_metres(circle.radius_m);
+        let widened = chord_squared_for_metres(circle.radius_m + TREE_SLACK_M);
         self.tree
-            .locate_within_distance(center, chord2)
+            .locate_within_distance(center, widened)
+            .filter(|p| {
+                self.positions
+                    .get(&p.session)
+                    .is_some_and(|last| chord2(&last.position, &center) <= exact)
+            })
             .map(|p| p.session)
             .collect()
     }
@@ -131,8 +165,11 @@ impl ClientIndex {
             lon_max = lon_max.max(lon);
         }
         let (lower, upper) = lat_lon_box_bounds(lat_min, lat_max, lon_min, lon_max);
+        // A tree point lies within the slack of its client: widen the box by as much.
+        let slack = TREE_SLACK_M / EARTH_RADIUS_M;
+        let widened = AABB::from_corners(lower.map(|c| c - slack), upper.map(|c| c + slack));
         self.tree
-            .locate_in_envelope(&AABB::from_corners(lower, upper))
+            .locate_in_envelope(&widened)
             .filter(|p| {
                 self.positions
                     .get(&p.session)
@@ -177,6 +214,13 @@ mod tests {
             }
             index.update(session, lat, lon);
             truth.insert(session, (lat, lon));
+        }
+        // Nudge a third of them by a few metres (under the tree slack): exact answers still.
+        for session in (0..3_000u64).step_by(3) {
+            let (lat, lon) = truth[&session];
+            let nudged = ((lat + 0.000_1).min(90.0), lon);
+            index.update(session, nudged.0, nudged.1);
+            truth.insert(session, nudged);
         }
         // Move half of them: the index must forget the old positions.
         for session in (0..3_000u64).step_by(2) {

@@ -447,6 +447,8 @@ pub(crate) async fn run(
         configure_reader(&mut parser, max_frame_bytes);
         FrameReader::Active(parser)
     } else {
+        // Not needed until bytes arrive: do not keep its 8 KiB buffer alive meanwhile.
+        drop(first_parser);
         FrameReader::Parked
     };
 

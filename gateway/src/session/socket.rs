@@ -48,8 +48,12 @@ impl SessionSocket {
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is consumed.
+    ///
+    /// This waits in the socket's reader slot (`poll_read_ready`), the slot hyper's
+    /// finished connection task last waited in, so that task's waker is replaced and its
+    /// memory freed; `TcpStream::readable` would wait in another list and leave it behind.
     pub async fn readable(&self) -> io::Result<()> {
-        self.tcp.readable().await
+        std::future::poll_fn(|cx| self.tcp.poll_read_ready(cx)).await
     }
 }
 
