@@ -9,6 +9,7 @@
 # usage: loadtest/scripts/memory.sh [OUT_DIR] [COUNTS...]
 #   env: GATEWAY=target/release/geopush-gateway  LOADTEST=target/release/geopush-loadtest
 #        PORT_BASE=19100  HOLD=35  SETTLE=5  RATE=2000  VARIANTS="welcome fix-once"
+#        SOURCE_IPS=4  (loopback source addresses the clients spread over)
 #        GATEWAY_ENV="MALLOC_ARENA_MAX=2"  (extra environment for the gateway only)
 #        CITIES=../shared/data/cities1000.csv
 set -euo pipefail
@@ -24,6 +25,7 @@ port="${PORT_BASE:-19100}"
 hold="${HOLD:-35}"
 settle="${SETTLE:-5}"
 rate="${RATE:-2000}"
+source_ips="${SOURCE_IPS:-4}"
 variants="${VARIANTS:-welcome fix-once}"
 cities="${CITIES:-$here/../shared/data/cities1000.csv}"
 secret="memory-bench-secret"
@@ -65,6 +67,7 @@ for n in "${counts[@]}"; do
             --url "ws://127.0.0.1:$port/v1/ws" --secret "$secret" \
             --connections "$n" --rate "$rate" --hold-seconds "$hold" --settle-seconds "$settle" \
             --gateway-pid "$gw_pid" --sub-prefix "$tag" --json-report "$out/$tag.json" -q \
+            --source-ips "$source_ips" \
             "${extra[@]}" | tee "$out/$tag.txt"
         stop_gateway
         sleep 1

@@ -18,12 +18,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::{Instant, Interval, MissedTickBehavior, sleep, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -89,6 +89,9 @@ pub struct FleetOptions {
     pub progress: bool,
     /// Seed of the clients' positions.
     pub seed: u64,
+    /// Spread the clients over this many loopback source addresses (127.0.0.1, .2, …), so
+    /// one address's ephemeral ports are not the limit; 1 = let the kernel choose.
+    pub source_ips: u8,
 }
 
 impl FleetOptions {
@@ -111,6 +114,7 @@ impl FleetOptions {
             cities: None,
             progress: false,
             seed: 1,
+            source_ips: 1,
         }
     }
 
@@ -141,6 +145,9 @@ impl FleetOptions {
         }
         if self.sends_fixes() && self.cities.is_none() {
             bail!("sending fixes needs a cities file");
+        }
+        if self.source_ips == 0 || self.source_ips > 250 {
+            bail!("--source-ips must be in 1..=250");
         }
         if self.secret.is_empty() {
             bail!("--secret must not be empty");
@@ -327,7 +334,7 @@ async fn open(fleet: &Fleet, index: usize) -> Result<Ws, String> {
         .headers_mut()
         .insert(http::header::AUTHORIZATION, bearer);
 
-    let tcp = TcpStream::connect(fleet.target.addr)
+    let tcp = connect_tcp(fleet, index)
         .await
         .map_err(|e| format!("tcp connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
@@ -365,6 +372,18 @@ async fn open(fleet: &Fleet, index: usize) -> Result<Ws, String> {
             None => return Err("connection ended before welcome".into()),
         }
     }
+}
+
+/// A TCP connection to the gateway, from the client's share of the source addresses.
+async fn connect_tcp(fleet: &Fleet, index: usize) -> std::io::Result<TcpStream> {
+    let spread = usize::from(fleet.options.source_ips);
+    if spread <= 1 {
+        return TcpStream::connect(fleet.target.addr).await;
+    }
+    let source = Ipv4Addr::new(127, 0, 0, 1 + (index % spread) as u8);
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.into(), 0))?;
+    socket.connect(fleet.target.addr).await
 }
 
 async fn tick(interval: &mut Option<Interval>) {
@@ -759,6 +778,12 @@ const METRIC_NAMES: [&str; 3] = [
 pub async fn run(options: FleetOptions) -> anyhow::Result<Report> {
     options.validate()?;
     let target = Target::resolve(&options.url).await?;
+    if options.source_ips > 1 && !(target.addr.is_ipv4() && target.addr.ip().is_loopback()) {
+        bail!(
+            "--source-ips needs a gateway on a 127.x.x.x address, not {}",
+            target.addr
+        );
+    }
     match timeout(Duration::from_secs(3), TcpStream::connect(target.addr)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => bail!(
@@ -1008,6 +1033,9 @@ mod tests {
         let mut o = ok.clone();
         o.fix_once = true;
         assert!(o.validate().is_err(), "fixes need cities");
+        let mut o = ok.clone();
+        o.source_ips = 0;
+        assert!(o.validate().is_err());
         let mut o = ok;
         o.connections = 10_000_000;
         assert!(o.validate().is_err(), "more than the fd limit");

@@ -96,6 +96,11 @@ struct FleetArgs {
     /// Seed for client positions.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Spread clients over this many loopback source addresses (127.0.0.1, .2, …): past
+    /// ~14,000 connections from one address, the kernel's source-port search dominates the
+    /// client's CPU.
+    #[arg(long, default_value_t = 1)]
+    source_ips: u8,
     /// Runtime worker threads (1 = a single-threaded runtime).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -138,6 +143,7 @@ fn options(
         cities,
         progress: !args.quiet,
         seed: args.seed,
+        source_ips: args.source_ips,
     })
 }
 

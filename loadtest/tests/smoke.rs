@@ -106,6 +106,7 @@ async fn fixes_scenario_streams_fixes_and_a_wrong_secret_fails_fast() {
     options.hold_seconds = 1.0;
     options.settle_seconds = 0.1;
     options.fix_interval_ms = 250;
+    options.source_ips = 2;
     options.cities = Some(cities());
     let report = fleet::run(options).await.expect("run");
     assert_eq!(report.connected, 10, "{}", report.summary());
