@@ -1,12 +1,14 @@
 //! Several gateway nodes on one real Redis (DESIGN §3.3, §3.4, §6, §7): user, topic,
 //! broadcast and geo notifications published anywhere reach exactly their sessions on
 //! whichever node holds them, each once; nodes subscribe only the channels their sessions
-//! need and let go of them when the sessions leave; an offline device catches up on another
-//! node; a SIGKILLed node's clients resume on another node without losing anything.
+//! need (checked with `PUBSUB NUMSUB`) and let go of them when the sessions leave; an
+//! offline device catches up on another node, without what expired; clients connecting
+//! while notifications flow, or published to the moment they are welcomed, lose none; a
+//! SIGKILLed node's clients resume on another node without losing anything.
 //!
-//! Every test starts its own `redis-server` on a free port and three in-process nodes (the
-//! checks live in `geopush_tests::fleet`, shared with `cluster.rs`). The node-kill test runs
-//! the real binary: `cargo build --workspace --bins` first.
+//! Every test starts its own `redis-server` on a free port and in-process nodes (the checks
+//! live in `geopush_tests::fleet`, shared with `cluster.rs`). The node-kill test runs the
+//! real binary: `cargo build --workspace --bins` first.
 
 use geopush_proto::bus::Cursor;
 use geopush_tests::fleet::{self, Fleet, publish, standalone_publisher, to_users};

@@ -242,6 +242,13 @@ async fn a_redis_restart_while_notifications_flow_loses_no_accepted_notification
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
+    // Down for a second at least, as a real outage would be (the nodes' reconnect backoff
+    // grows meanwhile).
+    eventually("a second of outage", WAIT_TIMEOUT, || {
+        killed_at.elapsed() >= Duration::from_secs(1)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let rounds_in_outage = ledger(&shared).rounds();
     let killed_for = killed_at.elapsed();
 
