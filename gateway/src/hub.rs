@@ -255,6 +255,7 @@ impl Hub {
             .entry(topic.to_owned())
             .or_default()
             .insert(id);
+        self.acquire(|k| k.topic_channel(topic));
         Ok(())
     }
 

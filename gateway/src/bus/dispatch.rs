@@ -158,6 +158,8 @@ pub async fn run_health(
     let probe_timeout = node.config.bus_probe_timeout();
     let probe_channel = bus.keys.probe_channel(&node.node_id);
     bus.acquire(probe_channel.clone());
+    // Broadcasts (and areas too large for cells) reach every node.
+    bus.acquire(bus.keys.all_channel());
     while !bus.is_subscribed(&probe_channel) {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(20)) => {}

@@ -112,6 +112,24 @@ impl Bus {
         }
     }
 
+    /// Wait (bounded) until this node's subscription of a user's channel is confirmed, so
+    /// that whatever is published from now on arrives live and everything before is in the
+    /// inbox. Immediate with the memory bus.
+    pub async fn user_channel_ready(&self, user: &str, within: std::time::Duration) -> bool {
+        let Bus::Redis(bus) = self else {
+            return true;
+        };
+        let channel = bus.keys.user_channel(user);
+        let deadline = tokio::time::Instant::now() + within;
+        while !bus.is_subscribed(&channel) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     /// The Redis bus, when this node has one.
     pub fn redis(&self) -> Option<&std::sync::Arc<redis::RedisBus>> {
         match self {

@@ -351,6 +351,11 @@ pub(crate) async fn replay(
     from: Option<Cursor>,
 ) {
     let (generation, delivered) = outbound.begin_replay(from);
+    // Read the inbox only once live messages reach this node: a notification published
+    // in between is then either in what we read or delivered live (and held meanwhile).
+    if !node.bus.user_channel_ready(&user, SUBSCRIBE_WAIT).await {
+        warn!(user = %user, "user channel not confirmed in time; replaying anyway");
+    }
     let mut after = match delivered {
         Some(cursor) => Some(cursor),
         None => match node.bus.load_ack(&user, &device).await {
@@ -403,6 +408,9 @@ pub(crate) async fn replay(
     }
     outbound.end_replay(generation, &node.metrics);
 }
+
+/// Longest a replay waits for its user's channel subscription before reading the inbox.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// How often a replay waiting for room in the queue looks again.
 const REPLAY_ROOM_POLL: Duration = Duration::from_millis(10);
