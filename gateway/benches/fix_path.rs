@@ -5,7 +5,9 @@
 //!
 //! * `fix_path/decode`   — `geopush_proto::decode_client_frame` on the frame's bytes
 //! * `fix_path/validate` — `Fix::validate` on the decoded frame
-//! * `fix_path/index_move` — `ClientIndex::update` moving an indexed client a few metres
+//! * `fix_path/index_move` — `ClientIndex::update` moving an indexed client 2–15 m (below
+//!   the index's tree slack, so its R-tree point stays and only its entry changes)
+//! * `fix_path/index_move_far` — the same with 30–80 m moves: the R-tree point moves too
 //!   (a targeted remove of the old point and an insert of the new one)
 //! * `fix_path/decode_validate_index` — the three together, as the session runs them
 //! * `fix_path/session_like` — the same plus what the session does around them: the UTF-8
@@ -109,6 +111,8 @@ struct Setup {
     index: ClientIndex,
     /// Two laps: every client moved a few metres, then every client moved back.
     ring: Vec<PreparedFix>,
+    /// The same with moves of 30–80 m: (session, lat, lon).
+    far_ring: Vec<(u64, f64, f64)>,
     now_ms: i64,
 }
 
@@ -180,6 +184,17 @@ fn setup() -> Setup {
     for &(session, lat, lon) in &positions {
         ring.push(fix(session, lat, lon, &mut rng));
     }
+    let mut far_ring = Vec::with_capacity(2 * clients);
+    for &(session, lat, lon) in &positions {
+        let (far_lat, far_lon) = step(
+            lat,
+            lon,
+            rng.gen_range(30.0..80.0),
+            rng.gen_range(0.0..std::f64::consts::TAU),
+        );
+        far_ring.push((session, round7(far_lat), round7(far_lon)));
+    }
+    far_ring.extend(positions.iter().copied());
     let sample = String::from_utf8_lossy(&ring[0].bytes).into_owned();
     eprintln!(
         "fix_path: {clients} clients around {} cities; frames like {sample}",
@@ -188,6 +203,7 @@ fn setup() -> Setup {
     Setup {
         index,
         ring,
+        far_ring,
         now_ms,
     }
 }
@@ -196,6 +212,7 @@ fn fix_path(c: &mut Criterion) {
     let Setup {
         mut index,
         ring,
+        far_ring,
         now_ms,
     } = setup();
     let policy = FixPolicy::default();
@@ -262,8 +279,19 @@ fn fix_path(c: &mut Criterion) {
             }
         })
     });
+    let mut index = locked.into_inner().unwrap_or_else(|p| p.into_inner());
+
+    // Moves longer than the index's tree slack: the R-tree point moves too (remove +
+    // insert). Run last: it leaves clients up to 80 m from where the other benches expect.
+    let mut next = 0usize;
+    group.bench_function("index_move_far", |b| {
+        b.iter(|| {
+            let (session, lat, lon) = far_ring[next];
+            next = (next + 1) % far_ring.len();
+            index.update(session, lat, lon);
+        })
+    });
     group.finish();
-    let index = locked.into_inner().unwrap_or_else(|p| p.into_inner());
     assert_eq!(index.len(), ring.len() / 2, "the index kept its clients");
 }
 
