@@ -87,12 +87,6 @@ pub async fn publish(
         .with_context(|| format!("publishing {:?}", request.title))
 }
 
-/// The next frame, which must be a notification; its `title`.
-pub async fn next_title(client: &mut WsClient) -> anyhow::Result<String> {
-    let frame = client.expect_type("notification", READ_TIMEOUT).await?;
-    Ok(frame["title"].as_str().unwrap_or_default().to_owned())
-}
-
 /// A frame's `id` as a string (empty when it has none).
 pub fn id_of(frame: &Value) -> String {
     frame["id"].as_str().unwrap_or_default().to_owned()
