@@ -67,6 +67,7 @@ pub async fn run_dispatcher(
                     bus.set_up(false);
                 }
                 node.metrics.bus_up.set(0);
+                mark_gap_everywhere(&node);
                 signals.disconnected.notify_one();
             }
             _ => {}
@@ -128,7 +129,15 @@ fn route(node: &Node, signals: &BusSignals, channel: &[u8], payload: &[u8]) {
     }
 }
 
-/// Replay every connected session's inbox from what it last got.
+/// Remember, for every session, what it had when the bus started losing messages.
+pub fn mark_gap_everywhere(node: &Node) {
+    for s in node.hub.sessions() {
+        s.outbound.mark_bus_gap();
+    }
+}
+
+/// Replay every connected session's inbox from what it had when the bus started losing
+/// messages (or from what it last got).
 pub fn replay_all(node: &Arc<Node>) {
     let sessions = node.hub.sessions();
     info!(
@@ -140,8 +149,8 @@ pub fn replay_all(node: &Arc<Node>) {
             node.clone(),
             s.user,
             s.device,
-            s.outbound,
-            None,
+            s.outbound.clone(),
+            s.outbound.take_bus_gap(),
         ));
     }
 }
@@ -206,6 +215,7 @@ pub async fn run_health(
             if !probe_ok {
                 warn!("bus probe failed: resubscribing every channel");
                 node.metrics.bus_probe_failures.inc();
+                mark_gap_everywhere(&node);
                 bus.set_up(false);
                 node.metrics.bus_up.set(0);
                 if let Err(e) = bus.resubscribe_all().await {
@@ -213,6 +223,9 @@ pub async fn run_health(
                 }
             } else {
                 warn!("bus pushes overflowed: replaying every inbox");
+                for s in node.hub.sessions() {
+                    s.outbound.mark_bus_gap_unknown();
+                }
                 replay_all(&node);
             }
             continue;

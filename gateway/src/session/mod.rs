@@ -26,7 +26,7 @@ use geopush_proto::bus::Cursor;
 use geopush_proto::frames::{ClientFrame, LocationFrame, ServerFrame, decode_client_frame};
 use geopush_proto::{CloseCode, ErrorCode, Fix};
 use hyper_util::rt::TokioIo;
-use outbound::{Outbound, Outgoing, ReplayStep, run_writer};
+use outbound::{Outbound, Outgoing, ReplayFrom, ReplayStep, run_writer};
 use socket::{SessionSocket, SocketReader, SocketWriter};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -339,8 +339,9 @@ fn expiry_instant(claims: &Claims) -> Instant {
     Instant::now() + left.min(MAX_TOKEN_LIFETIME)
 }
 
-/// Queue a user's inbox to a session: after `from` (an explicit `resume`), else after what
-/// the session already has, else after the device's stored ack cursor. Live notifications
+/// Queue a user's inbox to a session from where `from` says (an explicit `resume`, a
+/// recovery rewind, or after what the session already has), else after the device's
+/// stored ack cursor. Live notifications
 /// are held meanwhile, so the client sees its inbox in order; pages wait for room in the
 /// queue instead of overflowing it. A newer replay or the session's close stops this one.
 pub(crate) async fn replay(
@@ -348,7 +349,7 @@ pub(crate) async fn replay(
     user: Arc<str>,
     device: Arc<str>,
     outbound: Outbound,
-    from: Option<Cursor>,
+    from: ReplayFrom,
 ) {
     let (generation, delivered) = outbound.begin_replay(from);
     // Read the inbox only once live messages reach this node: a notification published
@@ -375,8 +376,12 @@ pub(crate) async fn replay(
         {
             Ok(page) => page,
             Err(e) => {
-                // The bus reconnect replays every session again; live delivery goes on.
                 warn!(user = %user, error = %e, "inbox replay interrupted");
+                if !node.bus.is_up() {
+                    // The recovery replays this session and ends the hold then.
+                    outbound.mark_bus_gap();
+                    return;
+                }
                 break;
             }
         };
@@ -498,13 +503,18 @@ pub(crate) async fn run(
         limits: &node.limits,
     });
 
+    // Connected while the bus is down: what arrives live before the recovery must not
+    // make the recovery replay skip what was stored meanwhile.
+    if !node.bus.is_up() {
+        outbound.mark_bus_gap();
+    }
     // Replay what lies after this device's acked cursor, unasked.
     node.tasks.spawn(replay(
         node.clone(),
         session.user.clone(),
         session.device.clone(),
         outbound.clone(),
-        None,
+        ReplayFrom::Delivered,
     ));
 
     let writer = node.tasks.spawn(run_writer(
@@ -835,7 +845,7 @@ impl Session {
                         self.user.clone(),
                         self.device.clone(),
                         self.outbound.clone(),
-                        Some(cursor),
+                        ReplayFrom::Cursor(cursor),
                     );
                     node.tasks.spawn(task);
                     Flow::Continue

@@ -70,6 +70,30 @@ struct Feed {
     unacked: VecDeque<(Cursor, Box<str>, bool)>,
     /// The first notification delivered while `unacked` was full.
     untracked_from: Option<Cursor>,
+    /// What was delivered when the bus last started losing messages (see
+    /// [`Outbound::mark_bus_gap`]); `Some(None)`: nothing had been.
+    gap_from: Option<Option<Cursor>>,
+}
+
+impl Feed {
+    /// Hold live notifications from now until a replay ends (and supersede any running
+    /// replay): after a bus gap, the recovery replay delivers in cursor order.
+    fn hold_live(&mut self) {
+        self.generation += 1;
+        self.replaying = Some(self.generation);
+    }
+}
+
+/// Where a replay starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// After what the session already has (else after the device's ack cursor).
+    Delivered,
+    /// After this cursor (an explicit `resume`).
+    Cursor(Cursor),
+    /// After this cursor, even if more was delivered since (recovery after a bus gap; the
+    /// client dedupes what comes twice). `None`: after the device's ack cursor.
+    Rewind(Option<Cursor>),
 }
 
 #[derive(Default)]
@@ -214,17 +238,48 @@ impl Outbound {
     }
 
     /// Start a replay: live user notifications are held until [`Outbound::end_replay`].
-    /// With `from`, the delivered cursor moves there (an explicit `resume`). Returns the
-    /// replay's generation and the cursor to replay after.
-    pub fn begin_replay(&self, from: Option<Cursor>) -> (u64, Option<Cursor>) {
+    /// Returns the replay's generation and the cursor to replay after (`None`: from the
+    /// device's stored ack cursor).
+    pub fn begin_replay(&self, from: ReplayFrom) -> (u64, Option<Cursor>) {
         let mut queue = self.lock();
         let feed = queue.feed.get_or_insert_with(Default::default);
-        feed.generation += 1;
-        feed.replaying = Some(feed.generation);
-        if from.is_some() {
-            feed.delivered = from;
+        feed.hold_live();
+        match from {
+            ReplayFrom::Delivered => {}
+            ReplayFrom::Cursor(cursor) => feed.delivered = Some(cursor),
+            ReplayFrom::Rewind(cursor) => feed.delivered = cursor,
         }
         (feed.generation, feed.delivered)
+    }
+
+    /// The bus may be losing messages from now on (it disconnected, or a probe failed):
+    /// remember what this session had, so the recovery replays from there, and hold live
+    /// notifications until that replay ends, so the client still sees cursor order. The
+    /// earliest gap wins.
+    pub fn mark_bus_gap(&self) {
+        let mut queue = self.lock();
+        let feed = queue.feed.get_or_insert_with(Default::default);
+        if feed.gap_from.is_none() {
+            feed.gap_from = Some(feed.delivered);
+        }
+        feed.hold_live();
+    }
+
+    /// Messages were lost at an unknown point: the recovery replays from the device's
+    /// stored ack cursor.
+    pub fn mark_bus_gap_unknown(&self) {
+        let mut queue = self.lock();
+        let feed = queue.feed.get_or_insert_with(Default::default);
+        feed.gap_from = Some(None);
+        feed.hold_live();
+    }
+
+    /// Where the recovery replay must start, if a gap was marked (and forget it).
+    pub fn take_bus_gap(&self) -> ReplayFrom {
+        match self.lock().feed.as_mut().and_then(|f| f.gap_from.take()) {
+            Some(cursor) => ReplayFrom::Rewind(cursor),
+            None => ReplayFrom::Delivered,
+        }
     }
 
     /// Queue one replayed notification (skipped when already delivered).
@@ -506,7 +561,7 @@ mod tests {
             out.offer_user(cursor(1), "a", json(), None, &metrics),
             Pushed::Queued
         );
-        let (generation, after) = out.begin_replay(None);
+        let (generation, after) = out.begin_replay(ReplayFrom::Delivered);
         assert_eq!(after, Some(cursor(1)));
         assert_eq!(
             out.offer_user(cursor(4), "d", json(), None, &metrics),
@@ -536,12 +591,36 @@ mod tests {
             Pushed::Duplicate
         );
         // A newer replay supersedes an older one.
-        let (old, _) = out.begin_replay(None);
-        let (_new, _) = out.begin_replay(Some(cursor(2)));
+        let (old, _) = out.begin_replay(ReplayFrom::Delivered);
+        let (_new, _) = out.begin_replay(ReplayFrom::Cursor(cursor(2)));
         assert_eq!(
             out.push_replayed(old, cursor(5), "e", json(), &metrics),
             ReplayStep::Superseded
         );
+    }
+
+    #[test]
+    fn recovery_rewinds_to_the_gap_start() {
+        let metrics = Metrics::new();
+        let out = Outbound::new(16);
+        let json = || Bytes::from_static(b"{}");
+        out.offer_user(cursor(1), "a", json(), None, &metrics);
+        out.mark_bus_gap();
+        out.offer_user(cursor(5), "e", json(), None, &metrics);
+        out.mark_bus_gap();
+        let from = out.take_bus_gap();
+        assert_eq!(
+            from,
+            ReplayFrom::Rewind(Some(cursor(1))),
+            "the earliest gap"
+        );
+        let (_, after) = out.begin_replay(from);
+        assert_eq!(
+            after,
+            Some(cursor(1)),
+            "replays 2..4 that live delivery skipped"
+        );
+        assert_eq!(out.take_bus_gap(), ReplayFrom::Delivered);
     }
 
     #[test]
