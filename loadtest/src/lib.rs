@@ -7,6 +7,7 @@
 
 pub mod cities;
 pub mod fleet;
+pub mod notify;
 pub mod procfs;
 
 pub use fleet::{FleetOptions, Report, Scenario};

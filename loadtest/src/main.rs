@@ -4,6 +4,8 @@
 //! geopush-loadtest connect --url ws://127.0.0.1:8080/v1/ws --secret S --connections 10000 \
 //!     --rate 1000 --hold-seconds 30 [--fix-once] [--gateway-pid PID] [--json-report out.json]
 //! geopush-loadtest fixes   --url … --secret S --connections 2000 --fix-interval-ms 1000 …
+//! geopush-loadtest notify  --url ws://A/v1/ws,ws://B/v1/ws --secret S --redis-url redis://… \
+//!     --users 2000 --rate 10000 --seconds 30 [--churn 1000] [--gateway-pid PA,PB]
 //! ```
 
 use anyhow::Context;
@@ -44,6 +46,8 @@ enum Command {
         )]
         fix_interval_ms: u64,
     },
+    /// User notifications through Redis to clients on several gateways: latency, loss, cost.
+    Notify(geopush_loadtest::notify::NotifyArgs),
 }
 
 #[derive(Args)]
@@ -164,6 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fleet,
             fix_interval_ms,
         } => (fleet, Scenario::Fixes, *fix_interval_ms),
+        Command::Notify(args) => return geopush_loadtest::notify::main(args.clone()),
     };
     let options = options(args, scenario, interval)?;
     options.validate()?;

@@ -92,26 +92,25 @@ pub mod geohash {
     const BASE32: &[u8; 32] = b"0123456789bcdefghjkmnpqrstuvwxyz";
 
     /// The 60 interleaved bits of a point's 12-character cell; a cell of `precision`
-    /// characters is the top `5 × precision` of them.
+    /// characters is the top `5 × precision` of them. Quantizes each coordinate to 30 bits
+    /// and interleaves them (longitude first), which is what geohash's bisection computes,
+    /// without its 60 data-dependent branches.
     pub fn bits(lat: f64, lon: f64) -> u64 {
-        let (mut lat_range, mut lon_range) = ((-90.0, 90.0), (-180.0, 180.0));
-        let mut value = 0u64;
-        for bit in 0..60 {
-            let (range, coordinate) = if bit % 2 == 0 {
-                (&mut lon_range, lon)
-            } else {
-                (&mut lat_range, lat)
-            };
-            let mid = (range.0 + range.1) / 2.0;
-            value <<= 1;
-            if coordinate >= mid {
-                value |= 1;
-                range.0 = mid;
-            } else {
-                range.1 = mid;
-            }
-        }
-        value
+        const STEPS: f64 = (1u64 << 30) as f64;
+        let quantize = |value: f64, min: f64, span: f64| {
+            (((value - min) / span * STEPS) as u64).min((1 << 30) - 1)
+        };
+        (spread(quantize(lon, -180.0, 360.0)) << 1) | spread(quantize(lat, -90.0, 180.0))
+    }
+
+    /// The low 30 bits of `x` moved to the even bit positions.
+    fn spread(x: u64) -> u64 {
+        let mut x = x & 0x3FFF_FFFF;
+        x = (x | (x << 16)) & 0x0000_FFFF_0000_FFFF;
+        x = (x | (x << 8)) & 0x00FF_00FF_00FF_00FF;
+        x = (x | (x << 4)) & 0x0F0F_0F0F_0F0F_0F0F;
+        x = (x | (x << 2)) & 0x3333_3333_3333_3333;
+        (x | (x << 1)) & 0x5555_5555_5555_5555
     }
 
     /// The cell at `precision` (1..=12) characters of 60-bit cell bits.
@@ -279,6 +278,41 @@ mod tests {
         assert_eq!(geohash::encode(57.64911, 10.40744, 11), "u4pruydqqvj");
         assert_eq!(geohash::encode(52.52, 13.405, 6), "u33dc0");
         assert_eq!(geohash::encode(-90.0, -180.0, 3), "000");
+    }
+
+    /// Geohash by its definition: bisect longitude and latitude in turn.
+    fn bisected(lat: f64, lon: f64) -> u64 {
+        let (mut lat_range, mut lon_range) = ((-90.0, 90.0), (-180.0, 180.0));
+        let mut value = 0u64;
+        for bit in 0..60 {
+            let (range, coordinate) = if bit % 2 == 0 {
+                (&mut lon_range, lon)
+            } else {
+                (&mut lat_range, lat)
+            };
+            let mid = (range.0 + range.1) / 2.0;
+            value <<= 1;
+            if coordinate >= mid {
+                value |= 1;
+                range.0 = mid;
+            } else {
+                range.1 = mid;
+            }
+        }
+        value
+    }
+
+    #[test]
+    fn interleaved_bits_equal_the_bisection() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(12);
+        for _ in 0..200_000 {
+            let (lat, lon) = (rng.gen_range(-90.0..=90.0), rng.gen_range(-180.0..=180.0));
+            assert_eq!(geohash::bits(lat, lon), bisected(lat, lon), "{lat},{lon}");
+        }
+        for (lat, lon) in [(90.0, 180.0), (-90.0, -180.0), (0.0, 0.0), (52.52, 13.405)] {
+            assert_eq!(geohash::bits(lat, lon), bisected(lat, lon), "{lat},{lon}");
+        }
     }
 
     #[test]
