@@ -7,6 +7,7 @@
 
 pub mod cities;
 pub mod fleet;
+pub mod geo_bench;
 pub mod notify;
 pub mod procfs;
 

@@ -46,6 +46,8 @@ enum Command {
         )]
         fix_interval_ms: u64,
     },
+    /// Time geopush's `nearby` beside Redis GEOSEARCH on the same places (own redis-server).
+    GeoBench(geopush_loadtest::geo_bench::GeoBenchArgs),
     /// User notifications through Redis to clients on several gateways: latency, loss, cost.
     Notify(geopush_loadtest::notify::NotifyArgs),
 }
@@ -168,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fleet,
             fix_interval_ms,
         } => (fleet, Scenario::Fixes, *fix_interval_ms),
+        Command::GeoBench(args) => return geopush_loadtest::geo_bench::main(args),
         Command::Notify(args) => return geopush_loadtest::notify::main(args.clone()),
     };
     let options = options(args, scenario, interval)?;
