@@ -1,0 +1,152 @@
+//! The `notify` scenario against two in-process gateways on a redis-server of its own:
+//! small and short, so it cannot rot.
+
+use geopush_gateway::Gateway;
+use geopush_gateway::config::{Config, Secret};
+use geopush_loadtest::notify::{self, NotifyArgs};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, sleep};
+
+const SECRET: &str = "notify-smoke-secret";
+
+/// A memory-only redis-server on a free loopback port, killed by its PID on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    async fn start() -> RedisServer {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawning redis-server (is it installed?)");
+            let mut server = RedisServer { child, port };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if server.child.try_wait().ok().flatten().is_some() {
+                    break; // lost the port to someone else: try another
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return server;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+            let _ = server.child.kill();
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gateway on 127.0.0.1:0 using `redis_url`, ready; its URL and the switch that stops it.
+async fn start_gateway(
+    redis_url: &str,
+    node: &str,
+) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let mut config = Config::defaults();
+    config.jwt_secret = Some(Secret::new(SECRET));
+    config.redis_url = Some(redis_url.into());
+    config.node_id = Some(node.into());
+    config.subscription_linger_seconds = 0.3;
+    config.drain_seconds = 0.1;
+    config.shutdown_grace_seconds = 1.0;
+    let gateway = Gateway::start(config).await.expect("gateway start");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = gateway.clone();
+    let task = tokio::spawn(async move {
+        serving
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gateway.is_ready() {
+        assert!(Instant::now() < deadline, "gateway {node} not ready");
+        sleep(Duration::from_millis(20)).await;
+    }
+    (url, stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_scenario_delivers_everything_through_redis_to_two_gateways() {
+    let redis = RedisServer::start().await;
+    let (url_a, stop_a, task_a) = start_gateway(&redis.url(), "gw-a").await;
+    let (url_b, stop_b, task_b) = start_gateway(&redis.url(), "gw-b").await;
+
+    let mut args = NotifyArgs::new(vec![url_a, url_b], SECRET, &redis.url());
+    args.users = 10;
+    args.rate = 200.0;
+    args.seconds = 1.0;
+    args.publishers = 8;
+    args.settle_seconds = 0.5;
+    args.drain_seconds = 5.0;
+    args.churn = 6;
+    args.linger_seconds = 0.3;
+    // The gateways run in this process: their /proc figures are ours, which is enough to
+    // exercise the sampling path.
+    args.gateway_pid = vec![std::process::id(); 2];
+
+    let report = tokio::time::timeout(Duration::from_secs(60), notify::run(args))
+        .await
+        .expect("the run is bounded")
+        .expect("run");
+    let summary = report.summary();
+    assert_eq!(report.connected, 10, "{summary}");
+    assert_eq!(report.publisher.published, 200, "{summary}");
+    assert_eq!(report.publisher.errors, 0, "{summary}");
+    assert_eq!(report.delivered, report.expected, "{summary}");
+    assert_eq!(report.lost, 0, "{summary}");
+    assert_eq!(report.duplicates, 0, "{summary}");
+    assert_eq!(report.unstamped, 0, "{summary}");
+    assert_eq!(report.latency.count, 200, "{summary}");
+    assert!(
+        report.delivered_per_gateway.iter().all(|&n| n > 0),
+        "{summary}"
+    );
+    assert_eq!(report.acks_sent, 200, "{summary}");
+    // Every delivery is one XADD and one PUBLISH.
+    assert_eq!(report.redis.calls.get("xadd"), Some(&200), "{summary}");
+    assert!(report.redis.calls.get("publish").copied().unwrap_or(0) >= 200);
+    assert_eq!(report.gateways.len(), 2);
+    assert!(report.redis_process.is_some(), "{summary}");
+    let churn = report.churn.as_ref().expect("churn");
+    assert_eq!(churn.connected, 6, "{summary}");
+    assert!(churn.subscribe_per_connect > 0.0, "{summary}");
+    assert!(churn.unsubscribe_per_disconnect > 0.0, "{summary}");
+    assert!(summary.contains("latency"));
+    assert!(serde_json::to_string(&report).is_ok());
+
+    let _ = stop_a.send(());
+    let _ = stop_b.send(());
+    task_a.await.expect("gateway a stopped");
+    task_b.await.expect("gateway b stopped");
+}
