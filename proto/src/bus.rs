@@ -62,13 +62,14 @@ impl Keys {
     pub fn status(&self, id: &str) -> String {
         format!("{}n:{{{id}}}", self.prefix)
     }
-    /// The places hash.
+    /// The places hash. It shares a hash tag with its change log, so one pipeline writes
+    /// both on a cluster too.
     pub fn places(&self) -> String {
-        format!("{}places", self.prefix)
+        format!("{}{{places}}", self.prefix)
     }
     /// The places change log stream.
     pub fn places_log(&self) -> String {
-        format!("{}places:log", self.prefix)
+        format!("{}{{places}}:log", self.prefix)
     }
     /// The geofence event stream.
     pub fn events(&self) -> String {
@@ -269,6 +270,10 @@ mod tests {
         assert_eq!(keys.inbox("alice"), "gp:inbox:{alice}");
         assert_eq!(keys.ack("alice", "phone"), "gp:ack:{alice}:phone");
         assert_eq!(keys.cell_channel("u33d"), "gp:g:4:{u33d}");
+        assert_eq!(
+            (keys.places(), keys.places_log()),
+            ("gp:{places}".into(), "gp:{places}:log".into())
+        );
         assert_eq!(Keys::new("x:").all_channel(), "x:all");
     }
 

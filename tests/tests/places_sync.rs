@@ -55,7 +55,15 @@ async fn nodes(redis: &Redis, count: usize) -> Vec<TestGateway> {
 
 #[tokio::test]
 async fn places_written_to_the_store_reach_every_node() {
-    let redis = Redis::single().await.expect("redis");
+    places_reach_every_node(Redis::single().await.expect("redis")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn places_reach_every_node_on_a_cluster() {
+    places_reach_every_node(Redis::cluster().await.expect("cluster")).await;
+}
+
+async fn places_reach_every_node(redis: Redis) {
     let nodes = nodes(&redis, 2).await;
     let store = nodes[0]
         .gateway()

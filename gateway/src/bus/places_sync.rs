@@ -1,8 +1,8 @@
 //! Places through Redis: the store that writes them (the places API, tools, tests) and the
 //! follower that keeps every node's replica in sync.
 //!
-//! The store writes the `gp:places` hash (id → GeoJSON Feature) and appends each change to
-//! the capped `gp:places:log` stream. A node loads the hash at start, then follows the log
+//! The store writes the `gp:{places}` hash (id → GeoJSON Feature) and appends each change to
+//! the capped `gp:{places}:log` stream (one hash tag: one slot on a cluster). A node loads the hash at start, then follows the log
 //! with a blocking `XREAD` on a connection of its own. If the log was trimmed past the last
 //! entry the node applied (the stream's `max-deleted-entry-id` says so), or Redis went away,
 //! the node reloads the whole hash: a node can fall behind but never diverges.
