@@ -47,6 +47,8 @@ pub struct Node {
     pub hard_stop: CancellationToken,
     /// Every task this node spawned (connections, sessions, writers).
     pub tasks: TaskTracker,
+    /// Idempotency keys of single-node publishes: key → (id, finished, expires Unix ms).
+    pub idempotency: std::sync::Mutex<std::collections::HashMap<String, (String, bool, i64)>>,
 }
 
 impl Node {
@@ -111,6 +113,7 @@ impl Node {
             connections: AtomicUsize::new(0),
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            idempotency: Default::default(),
         }
     }
 

@@ -53,6 +53,17 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// How long an idempotency key is remembered (DESIGN §5: a repeat within 24 h).
+pub const IDEMPOTENCY_TTL_S: u64 = 24 * 3600;
+
+/// What claiming an idempotency key decided.
+enum Claim {
+    /// Publish under this id (new, or a retry of an unfinished publish).
+    Publish(String),
+    /// Already published under this id: send nothing.
+    Done(String),
+}
+
 enum Route {
     /// Straight into this node's hub and in-memory inboxes.
     Local(Arc<Node>),
@@ -175,7 +186,13 @@ impl Publisher {
     pub async fn publish(&self, request: &NotificationRequest) -> Result<Published, PublishError> {
         request.validate()?;
         let now_ms = unix_ms();
-        let id = notification_id(now_ms as u64, rand::random());
+        let id = match &request.idempotency_key {
+            None => notification_id(now_ms as u64, rand::random()),
+            Some(key) => match self.claim_idempotency_key(key, now_ms).await? {
+                Claim::Done(id) => return Ok(Published { id, queued: 0 }),
+                Claim::Publish(id) => id,
+            },
+        };
         let stored = StoredNotification {
             cursor: Cursor { ms: 0, seq: 0 },
             id: id.clone(),
@@ -290,7 +307,83 @@ impl Publisher {
                 published
             }
         };
+        if let Some(key) = &request.idempotency_key {
+            self.finish_idempotency_key(key, &id).await?;
+        }
         Ok(Published { id, queued })
+    }
+
+    /// Claim an idempotency key: a new key gets a new id to publish; a key whose publish
+    /// finished returns its id (publish nothing); a key whose publish did not finish (it
+    /// failed midway, or is in flight) returns its id to publish again, so a retry repeats
+    /// the same notification under the same id and clients dedupe it.
+    async fn claim_idempotency_key(&self, key: &str, now_ms: i64) -> Result<Claim, PublishError> {
+        let fresh = notification_id(now_ms as u64, rand::random());
+        match &*self.route {
+            Route::Local(node) => {
+                let mut keys = node.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+                keys.retain(|_, (_, _, expires_ms)| *expires_ms > now_ms);
+                let expires_ms = now_ms + IDEMPOTENCY_TTL_S as i64 * 1000;
+                let (id, done, _) = keys
+                    .entry(key.to_owned())
+                    .or_insert((fresh, false, expires_ms));
+                Ok(if *done {
+                    Claim::Done(id.clone())
+                } else {
+                    Claim::Publish(id.clone())
+                })
+            }
+            Route::Redis { conn, keys, .. } => {
+                let mut conn = conn.clone();
+                let name = keys.idempotency(key);
+                let pending = format!("pending:{fresh}");
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(&name)
+                    .arg(&pending)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("EX")
+                    .arg(IDEMPOTENCY_TTL_S)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| crate::bus::BusError::Unavailable(e.to_string()))?;
+                Ok(match set.as_deref().map(|v| v.split_once(':')) {
+                    None => Claim::Publish(fresh),
+                    Some(Some(("done", id))) => Claim::Done(id.to_owned()),
+                    Some(Some((_, id))) => Claim::Publish(id.to_owned()),
+                    Some(None) => Claim::Publish(fresh),
+                })
+            }
+        }
+    }
+
+    /// Record that the publish of an idempotency key finished.
+    async fn finish_idempotency_key(&self, key: &str, id: &str) -> Result<(), PublishError> {
+        match &*self.route {
+            Route::Local(node) => {
+                if let Some(entry) = node
+                    .idempotency
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(key)
+                {
+                    entry.1 = true;
+                }
+                Ok(())
+            }
+            Route::Redis { conn, keys, .. } => {
+                let mut conn = conn.clone();
+                redis::cmd("SET")
+                    .arg(keys.idempotency(key))
+                    .arg(format!("done:{id}"))
+                    .arg("XX")
+                    .arg("KEEPTTL")
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| crate::bus::BusError::Unavailable(e.to_string()).into())
+            }
+        }
     }
 
     /// The area of a place's fence, from the local replica or the Redis places hash.
