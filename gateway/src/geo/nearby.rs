@@ -2,7 +2,7 @@
 //!
 //! After a fix, `nearby` is recomputed only when the client moved at least the minimum
 //! distance, asked for another radius or limit, or the places changed; the frame is sent
-//! only when the result (place ids, in order) differs from the last one sent. A session
+//! only when the result (the places, in order) differs from the last one sent. A session
 //! starts as if it had been sent the empty result.
 
 use super::places::{NearbyHit, PlacesSnapshot};
@@ -38,17 +38,25 @@ pub struct NearbyTracker {
     radius_m: f64,
     limit: u32,
     last_query: Option<Query>,
-    /// Hash of the ids (in order) of the last result sent.
+    /// Fingerprint of the last result sent ([`EMPTY_RESULT`] for none).
     last_result: u64,
 }
 
-fn result_hash<'a>(ids: impl Iterator<Item = &'a str>) -> u64 {
+/// A fingerprint of a result: the snapshot version and the place indexes in order. An
+/// index names the same place for as long as the snapshot lives, and hashing indexes does
+/// not touch the places themselves (cache misses in a large replica). After the places
+/// change, an unchanged list may be sent once more: its places may have changed too.
+fn result_hash(version: u64, indexes: impl Iterator<Item = u32>) -> u64 {
     let mut hasher = DefaultHasher::new();
-    for id in ids {
-        id.hash(&mut hasher);
+    version.hash(&mut hasher);
+    for index in indexes {
+        index.hash(&mut hasher);
     }
     hasher.finish()
 }
+
+/// The fingerprint of the empty result, whatever the snapshot.
+const EMPTY_RESULT: u64 = 0;
 
 thread_local! {
     /// Scratch space for hits, shared by every session on this worker thread.
@@ -77,7 +85,7 @@ impl NearbyTracker {
             radius_m: rules.default_radius_m,
             limit: rules.default_limit,
             last_query: None,
-            last_result: result_hash(std::iter::empty()),
+            last_result: EMPTY_RESULT,
         }
     }
 
@@ -112,7 +120,11 @@ impl NearbyTracker {
         });
         HITS.with_borrow_mut(|hits| {
             places.nearby(&center, self.radius_m, self.limit as usize, hits);
-            let hash = result_hash(hits.iter().map(|h| places.entry(h.index).place.id.as_str()));
+            let hash = if hits.is_empty() {
+                EMPTY_RESULT
+            } else {
+                result_hash(places.version, hits.iter().map(|h| h.index))
+            };
             if hash == self.last_result {
                 return None;
             }
