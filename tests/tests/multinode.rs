@@ -110,9 +110,18 @@ async fn until_seen(client: &mut WsClient, wanted: &[String]) -> Vec<String> {
 /// nothing published before, during or after the outage — in inbox order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_sigkilled_node_resume_on_another_without_loss() {
-    let redis = Redis::single().await.expect("redis-server starts");
+    sigkilled_node_clients_resume(Redis::single().await.expect("redis-server starts")).await;
+}
+
+/// The same on a 3-master Redis Cluster (the binary with `--redis-cluster`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_sigkilled_node_resume_on_another_without_loss_on_a_cluster() {
+    sigkilled_node_clients_resume(Redis::cluster().await.expect("a three-master cluster")).await;
+}
+
+async fn sigkilled_node_clients_resume(redis: Redis) {
     let url = redis.url();
-    let mut doomed = GatewayProcess::start(&[
+    let mut args = vec![
         "--jwt-secret",
         TEST_SECRET,
         "--redis-url",
@@ -121,8 +130,11 @@ async fn clients_of_a_sigkilled_node_resume_on_another_without_loss() {
         "doomed",
         "--bus-probe-seconds",
         "0.5",
-    ])
-    .expect("the gateway binary starts");
+    ];
+    if redis.is_cluster() {
+        args.push("--redis-cluster");
+    }
+    let mut doomed = GatewayProcess::start(&args).expect("the gateway binary starts");
     doomed.wait_ready().await.expect("doomed node ready");
     let fleet = Fleet::start(redis, 1).await.expect("a surviving node");
     let publisher = standalone_publisher(&fleet.redis).await.expect("publisher");
