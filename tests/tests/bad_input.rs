@@ -465,6 +465,27 @@ async fn client_close_is_echoed_and_the_session_ends() {
 }
 
 #[tokio::test]
+async fn an_empty_client_close_is_answered_with_1000_and_the_session_ends() {
+    // What tungstenite's `close(None)` sends: a close frame with no payload at all.
+    let arena = Arena::start(|_| {}).await;
+    let mut client = arena.raw_client("quiet-leaver").await;
+    client
+        .send_frame(true, OP_CLOSE, &[], true)
+        .await
+        .expect("close");
+    let seen = client.read_until_close(READ_TIMEOUT).await.expect("echo");
+    assert_eq!(seen.close, Some(Some(1000)), "{seen:?}");
+    assert!(seen.ended, "{seen:?}");
+    arena.assert_only_bystander_left().await;
+    eventually("the close counted under 1000", WAIT_TIMEOUT, || {
+        arena.metric("geopush_closes_total", &[("code", "1000")]) == 1.0
+    })
+    .await
+    .expect("counted");
+    arena.finish().await;
+}
+
+#[tokio::test]
 async fn invalid_client_close_frames_are_protocol_errors() {
     // RFC 6455 §7.4: 1004-1006, 1015, 1016-2999 and anything below 1000 or above 4999 are
     // not valid in a close frame, nor is a 1-byte payload; the endpoint that receives one

@@ -167,6 +167,15 @@ async fn load_snapshot(conn: &mut Conn, keys: &Keys) -> Result<Vec<Place>, BusEr
 
 /// Whether entries after `applied` were trimmed away before we read them.
 async fn trimmed_past(conn: &mut Conn, keys: &Keys, applied: Cursor) -> Result<bool, BusError> {
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(keys.places_log())
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    if !exists {
+        // No log yet (no place was ever written): nothing can have been trimmed.
+        return Ok(false);
+    }
     let info: Value = redis::cmd("XINFO")
         .arg("STREAM")
         .arg(keys.places_log())

@@ -471,6 +471,11 @@ pub(crate) async fn run(
     let id = node
         .hub
         .register(user.clone(), device.clone(), outbound.clone());
+    // Whatever ends this task (even a panic), the session leaves the hub and its channels.
+    let _registered = Registered {
+        node: node.clone(),
+        id,
+    };
     let now = Instant::now();
     let mut session = Session {
         id,
@@ -568,13 +573,24 @@ pub(crate) async fn run(
         }
     };
 
-    node.hub.unregister(id);
     let code = outbound
         .close_requested()
         .map_or(ABNORMAL_CLOSE, |c| c.code);
     node.metrics.count_close(code);
     debug!(session = id, close = code, writer = ?writer_end, "session closed");
     drop(slot);
+}
+
+/// A session's place in the hub, given back on drop.
+struct Registered {
+    node: Arc<Node>,
+    id: SessionId,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.node.hub.unregister(self.id);
+    }
 }
 
 /// Let the writer send what is queued and the close frame; its every write is bounded.
@@ -715,7 +731,7 @@ impl Session {
                 if !is_valid_peer_close_code(echoed) {
                     return self.close(CloseCode::ProtocolError, "invalid close code");
                 }
-                if std::str::from_utf8(&payload[2..]).is_err() {
+                if std::str::from_utf8(payload.get(2..).unwrap_or_default()).is_err() {
                     return self.close(CloseCode::InvalidPayload, "close reason is not UTF-8");
                 }
                 self.outbound.close_raw(echoed, "");
