@@ -481,12 +481,18 @@ mod tests {
 
     #[test]
     fn nearby_equals_brute_force_on_real_cities() {
-        let Ok(csv) = std::fs::read_to_string(concat!(
+        // The full GeoNames file beside the workspace, else the subset shipped in the repo.
+        let full = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../shared/data/cities1000.csv"
-        )) else {
-            panic!("../shared/data/cities1000.csv is needed for this test");
-        };
+        );
+        let subset = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/cities1000-subset.csv"
+        );
+        let csv = std::fs::read_to_string(full)
+            .or_else(|_| std::fs::read_to_string(subset))
+            .expect("gateway/testdata/cities1000-subset.csv is in the repository");
         let places: Vec<Place> = csv
             .lines()
             .skip(1)
@@ -497,7 +503,7 @@ mod tests {
                 Some(place(i, lat.parse().ok()?, lon.parse().ok()?))
             })
             .collect();
-        assert!(places.len() > 100_000);
+        assert!(places.len() > 5_000);
         // Fiji and Chukotka on the antimeridian, Svalbard and Greenland up north, Berlin.
         let queries = [
             (-17.8, 178.0),
