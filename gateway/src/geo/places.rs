@@ -193,6 +193,10 @@ impl RTreeObject for FenceBox {
     }
 }
 
+/// Radii up to this (metres) collect every place inside and select the nearest; larger
+/// ones walk the nearest-neighbour iterator (a 5 km circle in a city can hold thousands).
+pub const SMALL_RADIUS_M: f64 = 1_000.0;
+
 /// One place found by a nearby query.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NearbyHit {
@@ -297,15 +301,32 @@ impl PlacesSnapshot {
     ) {
         out.clear();
         let max_chord2 = chord_squared_for_metres(radius_m);
+        let to_hit = |index: PlaceIndex, chord2: f64| NearbyHit {
+            index,
+            distance_m: 2.0 * (chord2.sqrt() / 2.0).min(1.0).asin() * EARTH_RADIUS_M,
+        };
+        if radius_m <= SMALL_RADIUS_M {
+            // Few places fit in a small circle: collecting them all and selecting the
+            // nearest beats the nearest-neighbour iterator (its heap, and its walk past
+            // the radius when nothing is inside).
+            out.extend(
+                self.points
+                    .locate_within_distance(*center, max_chord2)
+                    .map(|p| to_hit(p.index, p.distance_2(center))),
+            );
+            let by_distance = |a: &NearbyHit, b: &NearbyHit| a.distance_m.total_cmp(&b.distance_m);
+            if out.len() > limit {
+                out.select_nth_unstable_by(limit, by_distance);
+                out.truncate(limit);
+            }
+            out.sort_unstable_by(by_distance);
+            return;
+        }
         for (point, chord2) in self.points.nearest_neighbor_iter_with_distance_2(center) {
             if chord2 > max_chord2 || out.len() >= limit {
                 break;
             }
-            let angle = 2.0 * (chord2.sqrt() / 2.0).min(1.0).asin();
-            out.push(NearbyHit {
-                index: point.index,
-                distance_m: angle * EARTH_RADIUS_M,
-            });
+            out.push(to_hit(point.index, chord2));
         }
     }
 
