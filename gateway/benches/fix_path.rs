@@ -30,70 +30,12 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::hint::black_box;
-use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+mod support;
+
+use support::{load_cities as cities_of, step, unix_ms};
 
 const DEFAULT_CLIENTS: usize = 100_000;
-const METRES_PER_DEGREE: f64 = 111_320.0;
-
-/// (lat, lon, population) of real places, or a synthetic spread if the file is missing.
-fn cities() -> Vec<(f64, f64, f64)> {
-    let path = std::env::var_os("GEOPUSH_CITIES_FILE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/cities1000.csv")
-        });
-    let mut out = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        for line in text.lines().skip(1) {
-            // timezone, population, country, lon, lat, "id,name" (names may hold commas)
-            let f: Vec<&str> = line.rsplitn(6, ',').collect();
-            if let [_, population, _, lon, lat, _] = f[..]
-                && let (Ok(lat), Ok(lon)) = (lat.parse::<f64>(), lon.parse::<f64>())
-            {
-                out.push((lat, lon, population.parse().unwrap_or(1_000.0)));
-            }
-        }
-    }
-    if out.is_empty() {
-        eprintln!(
-            "fix_path: {} not readable; using 5,000 synthetic cities",
-            path.display()
-        );
-        let mut rng = StdRng::seed_from_u64(5);
-        out = (0..5_000)
-            .map(|_| {
-                (
-                    rng.gen_range(-60.0..70.0),
-                    rng.gen_range(-180.0..180.0),
-                    rng.gen_range(1e3..1e6),
-                )
-            })
-            .collect();
-    }
-    out
-}
-
-/// `metres` from (lat, lon) towards `bearing` (radians), on a local flat approximation.
-fn step(lat: f64, lon: f64, metres: f64, bearing: f64) -> (f64, f64) {
-    let dlat = metres * bearing.cos() / METRES_PER_DEGREE;
-    let dlon = metres * bearing.sin() / (METRES_PER_DEGREE * lat.to_radians().cos().max(0.01));
-    let lat = (lat + dlat).clamp(-89.9999, 89.9999);
-    let mut lon = lon + dlon;
-    if lon > 180.0 {
-        lon -= 360.0;
-    } else if lon < -180.0 {
-        lon += 360.0;
-    }
-    (lat, lon)
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Round to the 7 decimals a phone sends, so the index holds exactly what frames decode to.
 fn round7(x: f64) -> f64 {
@@ -122,7 +64,7 @@ fn setup() -> Setup {
         .and_then(|v| v.parse().ok())
         .filter(|n| *n > 0)
         .unwrap_or(DEFAULT_CLIENTS);
-    let cities = cities();
+    let cities = cities_of("fix_path");
     let mut cumulative = Vec::with_capacity(cities.len());
     let mut total = 0.0;
     for &(_, _, population) in &cities {

@@ -32,6 +32,8 @@
 //! `GEOPUSH_BENCH_PLACES` and `GEOPUSH_BENCH_CLIENTS` change the sizes (defaults 1,000,000
 //! and 100,000).
 
+mod support;
+
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use geopush_gateway::geo::fences::{FenceEvent, FenceRules, FenceTracker};
 use geopush_gateway::geo::nearby::{NearbyRules, NearbyTracker};
@@ -44,15 +46,14 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::f64::consts::TAU;
 use std::hint::black_box;
-use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+use support::{METRES_PER_DEGREE, step, unix_ms};
 
 const DEFAULT_PLACES: usize = 1_000_000;
 const DEFAULT_CLIENTS: usize = 100_000;
 const QUERIES: usize = 200_000;
 const RADIUS_M: f64 = 500.0;
 const LIMIT: usize = 20;
-const METRES_PER_DEGREE: f64 = 111_320.0;
 /// Seeds shared with `loadtest/src/geo_bench.rs`, so both draw the same data.
 const PLACES_SEED: u64 = 2024;
 const QUERIES_SEED: u64 = 7;
@@ -88,39 +89,7 @@ struct Cities {
 
 impl Cities {
     fn load() -> Cities {
-        let path = std::env::var_os("GEOPUSH_CITIES_FILE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/cities1000.csv")
-            });
-        let mut rows = Vec::new();
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            for line in text.lines().skip(1) {
-                // timezone, population, country, lon, lat, "id,name" (names may hold commas)
-                let f: Vec<&str> = line.rsplitn(6, ',').collect();
-                if let [_, population, _, lon, lat, _] = f[..]
-                    && let (Ok(lat), Ok(lon)) = (lat.parse::<f64>(), lon.parse::<f64>())
-                {
-                    rows.push((lat, lon, population.parse().unwrap_or(1_000.0f64).max(1.0)));
-                }
-            }
-        }
-        if rows.is_empty() {
-            eprintln!(
-                "geo: {} not readable; using 5,000 synthetic cities",
-                path.display()
-            );
-            let mut rng = StdRng::seed_from_u64(5);
-            rows = (0..5_000)
-                .map(|_| {
-                    (
-                        rng.gen_range(-60.0..70.0),
-                        rng.gen_range(-180.0..180.0),
-                        rng.gen_range(1e3..1e6),
-                    )
-                })
-                .collect();
-        }
+        let rows = support::load_cities("geo");
         let mut total = 0.0;
         let mut points = Vec::with_capacity(rows.len());
         let mut cumulative = Vec::with_capacity(rows.len());
@@ -149,30 +118,9 @@ impl Cities {
     }
 }
 
-/// `metres` from (lat, lon) towards `bearing` (radians), on a local flat approximation.
-fn step(lat: f64, lon: f64, metres: f64, bearing: f64) -> (f64, f64) {
-    let dlat = metres * bearing.cos() / METRES_PER_DEGREE;
-    let dlon = metres * bearing.sin() / (METRES_PER_DEGREE * lat.to_radians().cos().max(0.01));
-    let lat = (lat + dlat).clamp(-89.9999, 89.9999);
-    let mut lon = lon + dlon;
-    if lon > 180.0 {
-        lon -= 360.0;
-    } else if lon < -180.0 {
-        lon += 360.0;
-    }
-    (lat, lon)
-}
-
 /// Round to the 7 decimals a phone sends.
 fn round7(x: f64) -> f64 {
     (x * 1e7).round() / 1e7
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 const KINDS: [&str; 8] = [
