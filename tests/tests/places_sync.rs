@@ -7,10 +7,9 @@ use geopush_gateway::bus::redis::RedisTarget;
 use geopush_proto::place::{Place, PlaceFence};
 use geopush_tests::gateway::{TestGateway, redis_config};
 use geopush_tests::redis::Redis;
-use geopush_tests::tokens::{now_unix_ms, user_token};
+use geopush_tests::tokens::user_token;
 use geopush_tests::wait::eventually;
 use geopush_tests::{READ_TIMEOUT, WsClient};
-use serde_json::json;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -27,6 +26,14 @@ fn place(id: &str, name: &str, at: (f64, f64), fence_m: Option<f64>) -> Place {
         fence: fence_m.map(|radius_m| PlaceFence::Circle { radius_m }),
         dwell_s: None,
     }
+}
+
+async fn connect(node: &TestGateway, user: &str) -> WsClient {
+    let token = user_token(user).expect("token");
+    let (client, _) = WsClient::connect_welcomed(node.addr(), &token)
+        .await
+        .expect("connect");
+    client
 }
 
 fn name_on(node: &TestGateway, id: &str) -> Option<String> {
@@ -82,14 +89,8 @@ async fn places_reach_every_node(redis: Redis) {
     .await
     .expect("propagated");
     // A client on the second node sees it in `nearby`.
-    let token = user_token("near").expect("token");
-    let (mut client, _) = WsClient::connect_welcomed(nodes[1].addr(), &token)
-        .await
-        .expect("connect");
-    client
-        .send_json(&json!({"type": "location", "lat": BERLIN.0, "lon": BERLIN.1, "accuracy_m": 5, "ts": now_unix_ms()}))
-        .await
-        .expect("fix");
+    let mut client = connect(&nodes[1], "near").await;
+    client.send_fix(BERLIN.0, BERLIN.1).await.expect("fix");
     let nearby = client
         .expect_type("nearby", READ_TIMEOUT)
         .await
@@ -165,14 +166,8 @@ async fn geofence_events_land_in_the_events_stream() {
         .await
         .expect("park");
 
-    let token = user_token("walker").expect("token");
-    let (mut client, _) = WsClient::connect_welcomed(nodes[0].addr(), &token)
-        .await
-        .expect("connect");
-    client
-        .send_json(&json!({"type": "location", "lat": BERLIN.0, "lon": BERLIN.1, "accuracy_m": 5, "ts": now_unix_ms()}))
-        .await
-        .expect("fix");
+    let mut client = connect(&nodes[0], "walker").await;
+    client.send_fix(BERLIN.0, BERLIN.1).await.expect("fix");
     let enter = client
         .expect_type("geofence", READ_TIMEOUT)
         .await
