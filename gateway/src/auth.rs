@@ -4,7 +4,7 @@
 //! ES256) or a JWKS file (the token's `kid` picks the key). The algorithm a token may use is
 //! fixed by the key, never taken from the token: `alg: none` and algorithm confusion fail.
 
-use crate::config::{Config, DEV_JWT_SECRET};
+use crate::config::{DEV_JWT_SECRET, TokenKeys};
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,10 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Space-separated API scopes of a service token (`publish places admin`); client
+    /// tokens have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 impl Claims {
@@ -98,7 +102,7 @@ fn bad(what: &str, reason: impl ToString) -> KeyError {
 impl TokenVerifier {
     /// Build the verifier from configuration. With no key configured, the development
     /// secret is used (the caller warns).
-    pub fn from_config(config: &Config) -> Result<TokenVerifier, KeyError> {
+    pub fn from_config(config: &TokenKeys) -> Result<TokenVerifier, KeyError> {
         let keys = if let Some(pem) = &config.jwt_public_key {
             let text = if pem.trim_start().starts_with("-----BEGIN") {
                 pem.clone()
@@ -234,6 +238,17 @@ pub fn mint_hs256(
     did: Option<&str>,
     ttl_seconds: u64,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    mint_hs256_scoped(secret, sub, did, None, ttl_seconds)
+}
+
+/// [`mint_hs256`] with a `scope` claim: a service token for the backend API.
+pub fn mint_hs256_scoped(
+    secret: &str,
+    sub: &str,
+    did: Option<&str>,
+    scope: Option<&str>,
+    ttl_seconds: u64,
+) -> Result<String, jsonwebtoken::errors::Error> {
     let now = now_unix();
     let claims = Claims {
         sub: sub.into(),
@@ -241,6 +256,7 @@ pub fn mint_hs256(
         exp: now + ttl_seconds,
         nbf: None,
         iat: Some(now),
+        scope: scope.map(Into::into),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -255,9 +271,9 @@ mod tests {
     use crate::config::Secret;
 
     fn verifier(secret: &str) -> TokenVerifier {
-        let mut config = Config::defaults();
-        config.jwt_secret = Some(Secret::new(secret));
-        TokenVerifier::from_config(&config).expect("verifier")
+        let mut config = crate::Config::defaults();
+        config.tokens.jwt_secret = Some(Secret::new(secret));
+        TokenVerifier::from_config(&config.tokens).expect("verifier")
     }
 
     #[test]

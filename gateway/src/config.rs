@@ -49,6 +49,148 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// The keys tokens are verified with: client tokens for sessions, and service tokens (with
+/// a `scope` claim) for the backend API.
+#[derive(Clone, Debug, Args)]
+pub struct TokenKeys {
+    /// HS256/384/512 secret for client tokens. With no key at all, an insecure development
+    /// secret is used and loudly logged.
+    #[arg(long, env = "GEOPUSH_JWT_SECRET")]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM public key (a path, or the PEM text itself) for RS256 or ES256 client tokens.
+    #[arg(long, env = "GEOPUSH_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<String>,
+
+    /// JWKS file with RSA/EC public keys; a token's `kid` picks the key.
+    #[arg(long, env = "GEOPUSH_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "GEOPUSH_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "GEOPUSH_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock leeway for `exp` and `nbf`, seconds.
+    #[arg(long, env = "GEOPUSH_JWT_LEEWAY_SECONDS", default_value_t = 30)]
+    pub jwt_leeway_seconds: u64,
+}
+
+impl TokenKeys {
+    /// True when no key is configured and the development secret is in use.
+    pub fn uses_dev_secret(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key.is_none() && self.jwks_file.is_none()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let keys = [
+            self.jwt_secret.is_some(),
+            self.jwt_public_key.is_some(),
+            self.jwks_file.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() > 1 {
+            return Err(ConfigError {
+                field: "jwt_secret / jwt_public_key / jwks_file",
+                reason: "configure exactly one token key source".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The backend HTTP API's limits and keys (DESIGN §5).
+#[derive(Clone, Debug, Args)]
+pub struct ApiConfig {
+    /// Backend API keys as `name:<sha256 hex of the key>:scope+scope`, comma-separated;
+    /// scopes `publish`, `places`, `admin` (`geopush-worker hash-key` prints an entry).
+    /// Unset: an insecure development key with every scope, loudly logged.
+    #[arg(long, env = "GEOPUSH_API_KEYS")]
+    pub api_keys: Option<Secret>,
+
+    /// Largest request body of the API but imports, bytes (larger: 413).
+    #[arg(long, env = "GEOPUSH_API_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub api_max_body_bytes: usize,
+
+    /// Largest single row (an NDJSON line or a FeatureCollection feature) of a places
+    /// import, bytes; an import itself may be of any size.
+    #[arg(long, env = "GEOPUSH_IMPORT_MAX_ROW_BYTES", default_value_t = 256 * 1024)]
+    pub import_max_row_bytes: usize,
+
+    /// Places written to the store per batch during an import.
+    #[arg(long, env = "GEOPUSH_IMPORT_BATCH", default_value_t = 1_000)]
+    pub import_batch: usize,
+
+    /// Most rejected rows an import answer lists one by one (the rest are counted).
+    #[arg(
+        long,
+        env = "GEOPUSH_IMPORT_MAX_REJECTED_LISTED",
+        default_value_t = 1_000
+    )]
+    pub import_max_rejected_listed: usize,
+
+    /// Largest `limit` of a nearby places query.
+    #[arg(long, env = "GEOPUSH_API_MAX_NEARBY_LIMIT", default_value_t = 1_000)]
+    pub api_max_nearby_limit: usize,
+
+    /// Largest `radius_m` of a nearby places query, metres.
+    #[arg(
+        long,
+        env = "GEOPUSH_API_MAX_NEARBY_RADIUS_M",
+        default_value_t = 100_000.0
+    )]
+    pub api_max_nearby_radius_m: f64,
+
+    /// How often scheduled notifications are checked for being due, milliseconds.
+    #[arg(long, env = "GEOPUSH_SCHEDULE_POLL_MS", default_value_t = 200)]
+    pub schedule_poll_ms: u64,
+
+    /// How long a worker holds a due scheduled notification before another may take it
+    /// over (if the first died while sending), seconds.
+    #[arg(long, env = "GEOPUSH_SCHEDULE_LEASE_SECONDS", default_value_t = 30)]
+    pub schedule_lease_seconds: u64,
+}
+
+/// The API key used when none is configured. Anyone can publish with it: its use is
+/// loudly logged.
+pub const DEV_API_KEY: &str = "geopush-insecure-dev-api-key";
+
+impl ApiConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_max_body_bytes < 1024 {
+            return Err(ConfigError {
+                field: "api_max_body_bytes",
+                reason: "must be at least 1024".into(),
+            });
+        }
+        if self.import_max_row_bytes < 1024 {
+            return Err(ConfigError {
+                field: "import_max_row_bytes",
+                reason: "must be at least 1024".into(),
+            });
+        }
+        at_least_one("import_batch", self.import_batch)?;
+        at_least_one("api_max_nearby_limit", self.api_max_nearby_limit)?;
+        at_least_one("schedule_poll_ms", self.schedule_poll_ms)?;
+        at_least_one("schedule_lease_seconds", self.schedule_lease_seconds)?;
+        if !(self.api_max_nearby_radius_m.is_finite() && self.api_max_nearby_radius_m > 0.0) {
+            return Err(ConfigError {
+                field: "api_max_nearby_radius_m",
+                reason: "must be a positive number of metres".into(),
+            });
+        }
+        Ok(())
+    }
+    pub fn schedule_poll(&self) -> Duration {
+        Duration::from_millis(self.schedule_poll_ms)
+    }
+    pub fn schedule_lease(&self) -> Duration {
+        Duration::from_secs(self.schedule_lease_seconds)
+    }
+}
+
 /// Everything `geopush-gateway serve` can be told.
 #[derive(Clone, Debug, Args)]
 pub struct Config {
@@ -89,30 +231,13 @@ pub struct Config {
     #[arg(long, env = "GEOPUSH_BUS_PROBE_TIMEOUT_SECONDS", default_value_t = 2.0)]
     pub bus_probe_timeout_seconds: f64,
 
-    /// HS256/384/512 secret for client tokens. With no key at all, an insecure development
-    /// secret is used and loudly logged.
-    #[arg(long, env = "GEOPUSH_JWT_SECRET")]
-    pub jwt_secret: Option<Secret>,
+    /// Token keys: the client tokens of sessions, and service tokens of the API.
+    #[command(flatten)]
+    pub tokens: TokenKeys,
 
-    /// PEM public key (a path, or the PEM text itself) for RS256 or ES256 client tokens.
-    #[arg(long, env = "GEOPUSH_JWT_PUBLIC_KEY")]
-    pub jwt_public_key: Option<String>,
-
-    /// JWKS file with RSA/EC public keys; a token's `kid` picks the key.
-    #[arg(long, env = "GEOPUSH_JWKS_FILE")]
-    pub jwks_file: Option<PathBuf>,
-
-    /// Required `iss` claim, if set.
-    #[arg(long, env = "GEOPUSH_JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-
-    /// Required `aud` claim, if set.
-    #[arg(long, env = "GEOPUSH_JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
-
-    /// Clock leeway for `exp` and `nbf`, seconds.
-    #[arg(long, env = "GEOPUSH_JWT_LEEWAY_SECONDS", default_value_t = 30)]
-    pub jwt_leeway_seconds: u64,
+    /// The backend HTTP API (served here in single-node mode).
+    #[command(flatten)]
+    pub api: ApiConfig,
 
     /// How long a session may live past its token's `exp` (after an `error` frame with
     /// `token_expired`) before it is closed with 4001, seconds.
@@ -157,6 +282,11 @@ pub struct Config {
     /// Geofence events the in-memory sink keeps (single-node mode).
     #[arg(long, env = "GEOPUSH_GEOFENCE_EVENT_BUFFER", default_value_t = 10_000)]
     pub geofence_event_buffer: usize,
+
+    /// How often delivery and ack counts are folded into the notifications' status in
+    /// Redis, milliseconds.
+    #[arg(long, env = "GEOPUSH_STATUS_FLUSH_MS", default_value_t = 100)]
+    pub status_flush_ms: u64,
 
     /// Notifications kept per user inbox (oldest dropped first).
     #[arg(long, env = "GEOPUSH_INBOX_LEN", default_value_t = 1_000)]
@@ -350,23 +480,18 @@ impl Config {
                 reason: "must be at least 256".into(),
             });
         }
-        let keys = [
-            self.jwt_secret.is_some(),
-            self.jwt_public_key.is_some(),
-            self.jwks_file.is_some(),
-        ];
-        if keys.iter().filter(|k| **k).count() > 1 {
-            return Err(ConfigError {
-                field: "jwt_secret / jwt_public_key / jwks_file",
-                reason: "configure exactly one token key source".into(),
-            });
-        }
-        Ok(())
+        at_least_one("status_flush_ms", self.status_flush_ms)?;
+        self.tokens.validate()?;
+        self.api.validate()
     }
 
     /// True when no key is configured and the development secret is in use.
     pub fn uses_dev_secret(&self) -> bool {
-        self.jwt_secret.is_none() && self.jwt_public_key.is_none() && self.jwks_file.is_none()
+        self.tokens.uses_dev_secret()
+    }
+
+    pub fn status_flush_interval(&self) -> Duration {
+        Duration::from_millis(self.status_flush_ms)
     }
 
     pub fn token_grace(&self) -> Duration {
@@ -421,7 +546,7 @@ mod tests {
     #[test]
     fn secrets_do_not_print() {
         let mut config = Config::defaults();
-        config.jwt_secret = Some(Secret::new("hunter2"));
+        config.tokens.jwt_secret = Some(Secret::new("hunter2"));
         assert!(!format!("{config:?}").contains("hunter2"));
     }
 
@@ -440,8 +565,8 @@ mod tests {
             "queue_len"
         );
         let mut config = Config::defaults();
-        config.jwt_secret = Some(Secret::new("a"));
-        config.jwks_file = Some("x.json".into());
+        config.tokens.jwt_secret = Some(Secret::new("a"));
+        config.tokens.jwks_file = Some("x.json".into());
         assert!(config.validate().is_err());
     }
 }

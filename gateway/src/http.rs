@@ -1,6 +1,7 @@
 //! The HTTP surface of a gateway: `/v1/ws` (authenticated upgrade), `/healthz`, `/readyz`,
 //! `/metrics`, and the accept loop that serves them.
 
+use crate::api::{Api, is_api_path};
 use crate::auth::AuthError;
 use crate::metrics::ReasonLabel;
 use crate::node::Node;
@@ -52,8 +53,14 @@ fn token_of(request: &Request<Incoming>) -> Option<&str> {
 
 async fn route(
     node: Arc<Node>,
+    api: Option<Arc<Api>>,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if let Some(api) = api
+        && is_api_path(request.uri().path())
+    {
+        return Ok(api.handle(request).await);
+    }
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/v1/ws") => upgrade(&node, &mut request),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -147,10 +154,15 @@ fn upgrade(node: &Arc<Node>, request: &mut Request<Incoming>) -> Response<Body> 
 
 /// Serve one TCP connection: HTTP/1.1 with upgrades, the request head bounded by the
 /// handshake timeout.
-async fn serve_connection(node: Arc<Node>, stream: TcpStream, stop: CancellationToken) {
+async fn serve_connection(
+    node: Arc<Node>,
+    api: Option<Arc<Api>>,
+    stream: TcpStream,
+    stop: CancellationToken,
+) {
     let service = service_fn({
         let node = node.clone();
-        move |request| route(node.clone(), request)
+        move |request| route(node.clone(), api.clone(), request)
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -172,7 +184,12 @@ async fn serve_connection(node: Arc<Node>, stream: TcpStream, stop: Cancellation
 }
 
 /// Accept connections until `stop` is cancelled.
-pub(crate) async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken) {
+pub(crate) async fn accept_loop(
+    node: Arc<Node>,
+    api: Option<Arc<Api>>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -183,6 +200,7 @@ pub(crate) async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: Ca
                 let _ = stream.set_nodelay(true);
                 node.tasks.spawn(serve_connection(
                     node.clone(),
+                    api.clone(),
                     stream,
                     node.hard_stop.clone(),
                 ));

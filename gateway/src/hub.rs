@@ -103,6 +103,15 @@ pub enum SubscribeError {
     UnknownSession,
 }
 
+/// What one delivery reached on this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Sessions the target matched.
+    pub matched: usize,
+    /// Sessions it was queued to (the others were closing or full).
+    pub queued: usize,
+}
+
 /// This node's sessions, by user, topic and position.
 pub struct Hub {
     registry: RwLock<Registry>,
@@ -303,7 +312,7 @@ impl Hub {
     /// Deliver a geo envelope that arrived on a cell channel: to the sessions in the area
     /// whose cell at that level is the channel's, so a node subscribed to several cells of
     /// one publish delivers once.
-    pub fn deliver_in_cell(&self, area: &Area, cell: &str, json: Bytes) -> usize {
+    pub fn deliver_in_cell(&self, area: &Area, cell: &str, json: Bytes) -> Reach {
         let level = cell.len();
         let recipients: Vec<SessionId> = {
             let clients = self.clients();
@@ -356,11 +365,16 @@ impl Hub {
     /// Queue one serialized frame to every session the target reaches; returns how many
     /// sessions got it queued. `kind` labels the deliveries metric.
     pub fn deliver(&self, target: &Target, json: Bytes, kind: &'static str) -> usize {
+        self.deliver_reach(target, json, kind).queued
+    }
+
+    /// [`Hub::deliver`], saying how many sessions matched besides how many got it queued.
+    pub fn deliver_reach(&self, target: &Target, json: Bytes, kind: &'static str) -> Reach {
         let recipients = self.recipients(target);
         self.deliver_to(&recipients, json, kind)
     }
 
-    fn deliver_to(&self, recipients: &[SessionId], json: Bytes, kind: &'static str) -> usize {
+    fn deliver_to(&self, recipients: &[SessionId], json: Bytes, kind: &'static str) -> Reach {
         let since = Some(Instant::now());
         let registry = self.read();
         let mut queued = 0;
@@ -380,7 +394,10 @@ impl Hub {
             .deliveries
             .get_or_create(&KindLabel { kind })
             .inc_by(queued as u64);
-        queued
+        Reach {
+            matched: recipients.len(),
+            queued,
+        }
     }
 
     /// Deliver a user notification with its inbox cursor to every session of the user;

@@ -5,6 +5,7 @@
 //! topics, areas or everyone through its [`hub`]. [`Gateway::serve`] runs it on a bound
 //! listener until a shutdown future resolves, then drains ([`drain`]).
 
+pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod config;
@@ -15,7 +16,9 @@ pub mod hub;
 pub mod metrics;
 mod node;
 pub mod publish;
+pub mod schedule;
 pub mod session;
+pub mod status;
 
 pub use config::Config;
 pub use hub::{Hub, Notification, Target};
@@ -71,6 +74,10 @@ struct RedisParts {
 #[derive(Clone)]
 pub struct Gateway {
     node: Arc<Node>,
+    /// The backend API, served beside `/v1/ws` in single-node mode.
+    api: Option<Arc<api::Api>>,
+    /// Where this node's publisher keeps scheduled notifications.
+    scheduler: schedule::Scheduler,
     /// The Redis parts `serve` starts tasks on.
     redis: Arc<Mutex<Option<RedisParts>>>,
 }
@@ -112,7 +119,7 @@ impl Gateway {
 
     fn build(config: Config, redis: Option<RedisParts>) -> Result<Gateway, GatewayError> {
         config.validate()?;
-        let verifier = TokenVerifier::from_config(&config)?;
+        let verifier = TokenVerifier::from_config(&config.tokens)?;
         let node_id = config
             .node_id
             .clone()
@@ -147,8 +154,32 @@ impl Gateway {
             info!(file = %path.display(), loaded = report.loaded, rejected = report.rejected.len(), "places loaded");
         }
         node.metrics.places.set(node.places.snapshot().len() as i64);
+        let scheduler = match node.bus.redis() {
+            Some(bus) => schedule::Scheduler::redis(bus.commands(), bus.keys.clone()),
+            None => schedule::Scheduler::memory(),
+        };
+        let node = Arc::new(node);
+        let api = match node.bus.redis() {
+            Some(_) => None,
+            None => {
+                let auth = api::keys::ApiAuth::new(
+                    node.config.api.api_keys.as_ref().map(|k| k.expose()),
+                    TokenVerifier::from_config(&node.config.tokens)?,
+                )?;
+                Some(Arc::new(api::Api::new(
+                    publish::Publisher::for_node(node.clone(), scheduler.clone()),
+                    node.clone(),
+                    None,
+                    auth,
+                    node.config.api.clone(),
+                    node.metrics.api.clone(),
+                )))
+            }
+        };
         Ok(Gateway {
-            node: Arc::new(node),
+            api,
+            scheduler,
+            node,
             redis: Arc::new(Mutex::new(redis)),
         })
     }
@@ -192,7 +223,7 @@ impl Gateway {
 
     /// A publisher into this node (single-node mode).
     pub fn publisher(&self) -> publish::Publisher {
-        publish::Publisher::for_node(self.node.clone())
+        publish::Publisher::for_node(self.node.clone(), self.scheduler.clone())
     }
 
     /// Deliver to this node's sessions.
@@ -265,12 +296,27 @@ impl Gateway {
                 );
                 node.tasks.spawn(writer);
             }
+            let status = node.status.clone();
+            let interval = node.config.status_flush_interval();
+            let flush_stop = stop.clone();
+            node.tasks
+                .spawn(async move { status.run_flusher(interval, flush_stop).await });
             node.tasks
                 .spawn(async move { bus.run_subscriber(stop).await });
+        }
+        if node.bus.redis().is_none() {
+            // Single-node mode: scheduled sends wait in this process.
+            node.tasks.spawn(schedule::run_scheduler(
+                self.publisher(),
+                node.config.api.schedule_poll(),
+                node.config.api.schedule_lease(),
+                node.hard_stop.clone(),
+            ));
         }
         let stop_accepting = CancellationToken::new();
         let accept = node.tasks.spawn(http::accept_loop(
             node.clone(),
+            self.api.clone(),
             listener,
             stop_accepting.clone(),
         ));

@@ -82,12 +82,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Token { sub, did, ttl }) => {
             let config = cli.config;
-            if config.jwt_public_key.is_some() || config.jwks_file.is_some() {
+            if config.tokens.jwt_public_key.is_some() || config.tokens.jwks_file.is_some() {
                 anyhow::bail!(
                     "token minting needs an HMAC secret; this gateway verifies with a public key"
                 );
             }
             let secret = config
+                .tokens
                 .jwt_secret
                 .as_ref()
                 .map(|s| s.expose().to_owned())

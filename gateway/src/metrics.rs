@@ -25,6 +25,8 @@ pub struct ReasonLabel {
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
+    /// The backend API's (served in single-node mode).
+    pub api: crate::api::ApiMetrics,
     /// Open WebSocket sessions.
     pub connections: Gauge,
     /// Fixes that passed validation and were indexed.
@@ -102,7 +104,9 @@ impl Metrics {
             geofence_events_dropped: Counter::default(),
             places: Gauge::default(),
             registry: Registry::default(),
+            api: crate::api::ApiMetrics::default(),
         };
+        metrics.api.register(&mut registry);
         registry.register(
             "geopush_connections",
             "Open WebSocket sessions",

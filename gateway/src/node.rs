@@ -9,6 +9,7 @@ use crate::geo::fences::{FenceRules, GeofenceSink, MemorySink};
 use crate::geo::nearby::NearbyRules;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::status::StatusBook;
 use geopush_proto::FixPolicy;
 use geopush_proto::frames::SessionLimits;
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct Node {
     pub hard_stop: CancellationToken,
     /// Every task this node spawned (connections, sessions, writers).
     pub tasks: TaskTracker,
+    /// What happened to each notification (counted here, read by the API).
+    pub status: Arc<StatusBook>,
     /// Idempotency keys of single-node publishes: key → (id, finished, expires Unix ms).
     pub idempotency: std::sync::Mutex<std::collections::HashMap<String, (String, bool, i64)>>,
 }
@@ -91,7 +94,12 @@ impl Node {
             (None, Some(redis)) => redis,
             (None, None) => Arc::new(MemorySink::new(config.geofence_event_buffer)),
         };
+        let status = Arc::new(match &bus {
+            Some(bus) => StatusBook::redis(bus.commands(), bus.keys.clone()),
+            None => StatusBook::memory(),
+        });
         Node {
+            status,
             places: PlacesReplica::new(),
             fence_rules,
             nearby_rules,

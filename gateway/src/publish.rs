@@ -13,6 +13,8 @@ use crate::bus::redis::{self as redis_bus, Conn, RedisTarget};
 use crate::bus::{Bus, StoredNotification};
 use crate::hub::{Notification, Target};
 use crate::node::Node;
+use crate::schedule::Scheduler;
+use crate::status::{StatusBook, StatusRecord};
 use geopush_proto::api::{NotificationRequest, PublishTarget, RequestError};
 use geopush_proto::bus::{
     CELL_LEVELS, Cursor, EnvelopeHeader, Keys, MAX_CELLS_PER_PUBLISH, encode_envelope, geohash,
@@ -33,6 +35,8 @@ pub enum PublishError {
     UnknownPlace(String),
     #[error("place {0:?} has no fence")]
     PlaceWithoutFence(String),
+    #[error("stored scheduled request does not parse: {0}")]
+    StoredRequest(String),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
 }
@@ -42,11 +46,24 @@ pub enum PublishError {
 pub struct Published {
     pub id: String,
     /// Single-node mode: sessions the notification was queued to. With Redis: messages
-    /// published (one per user, cell, topic or broadcast).
+    /// published (one per user, cell, topic or broadcast). 0 when scheduled or a repeat.
     pub queued: usize,
+    /// When it will be sent (Unix ms), if it was scheduled.
+    pub scheduled_ms: Option<i64>,
 }
 
-fn unix_ms() -> i64 {
+/// The kind a target is counted under in status and metrics.
+pub fn target_kind(target: &PublishTarget) -> &'static str {
+    match target {
+        PublishTarget::Users(_) => "users",
+        PublishTarget::Area(_) => "area",
+        PublishTarget::Place(_) => "place",
+        PublishTarget::Topic(_) => "topic",
+        PublishTarget::All(_) => "all",
+    }
+}
+
+pub(crate) fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -80,6 +97,8 @@ enum Route {
 #[derive(Clone)]
 pub struct Publisher {
     route: Arc<Route>,
+    status: Arc<StatusBook>,
+    scheduler: Scheduler,
 }
 
 /// The area a place's fence covers.
@@ -150,7 +169,8 @@ pub fn cells_for_area(area: &Area) -> Option<Vec<String>> {
 
 impl Publisher {
     /// The publisher of a gateway node: local in single-node mode, through Redis otherwise.
-    pub(crate) fn for_node(node: Arc<Node>) -> Publisher {
+    pub(crate) fn for_node(node: Arc<Node>, scheduler: Scheduler) -> Publisher {
+        let status = node.status.clone();
         let route = match &node.bus {
             Bus::Memory(_) => Route::Local(node),
             Bus::Redis(bus) => Route::Redis {
@@ -162,7 +182,19 @@ impl Publisher {
         };
         Publisher {
             route: Arc::new(route),
+            status,
+            scheduler,
         }
+    }
+
+    /// What notifications' status is read from.
+    pub fn status(&self) -> &Arc<StatusBook> {
+        &self.status
+    }
+
+    /// Where scheduled notifications wait.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
     }
 
     /// A standalone publisher through Redis (the worker, tests, tools).
@@ -172,27 +204,94 @@ impl Publisher {
         inbox_len: usize,
     ) -> Result<Publisher, PublishError> {
         let conn = redis_bus::connect(target, None).await?;
+        let keys = Keys::new(prefix);
         Ok(Publisher {
+            status: Arc::new(StatusBook::redis(conn.clone(), keys.clone())),
+            scheduler: Scheduler::redis(conn.clone(), keys.clone()),
             route: Arc::new(Route::Redis {
                 conn,
-                keys: Keys::new(prefix),
+                keys,
                 inbox_len,
                 node: None,
             }),
         })
     }
 
-    /// Validate and publish; returns the notification id.
+    /// Validate, then publish now or schedule for `send_at`; returns the notification id.
     pub async fn publish(&self, request: &NotificationRequest) -> Result<Published, PublishError> {
         request.validate()?;
         let now_ms = unix_ms();
+        let send_at = request.send_at_ms(now_ms)?;
+        if let PublishTarget::Place(place) = &request.target {
+            // Refuse an unknown place before taking an idempotency key or scheduling.
+            self.place_area(place).await?;
+        }
         let id = match &request.idempotency_key {
             None => notification_id(now_ms as u64, rand::random()),
             Some(key) => match self.claim_idempotency_key(key, now_ms).await? {
-                Claim::Done(id) => return Ok(Published { id, queued: 0 }),
+                Claim::Done(id) => {
+                    return Ok(Published {
+                        id,
+                        queued: 0,
+                        scheduled_ms: None,
+                    });
+                }
                 Claim::Publish(id) => id,
             },
         };
+        let published = match send_at {
+            Some(at_ms) => {
+                let json = serde_json::to_string(request)
+                    .map_err(|e| PublishError::StoredRequest(e.to_string()))?;
+                let record = StatusRecord {
+                    kind: target_kind(&request.target),
+                    scheduled: true,
+                    targeted_users: None,
+                    created_ms: now_ms,
+                    send_at_ms: Some(at_ms),
+                    expires_ms: at_ms.saturating_add((request.ttl_s as i64).saturating_mul(1000)),
+                };
+                self.status.record(&id, &record, now_ms).await?;
+                self.scheduler.enqueue(&id, at_ms, &json).await?;
+                Published {
+                    id: id.clone(),
+                    queued: 0,
+                    scheduled_ms: Some(at_ms),
+                }
+            }
+            None => self.publish_now(id.clone(), request, now_ms, None).await?,
+        };
+        if let Some(key) = &request.idempotency_key {
+            self.finish_idempotency_key(key, &id).await?;
+        }
+        Ok(published)
+    }
+
+    /// Publish a scheduled notification whose time came (its stored request JSON).
+    pub async fn publish_scheduled(
+        &self,
+        id: &str,
+        request: &str,
+    ) -> Result<Published, PublishError> {
+        let request: NotificationRequest = serde_json::from_str(request)
+            .map_err(|e| PublishError::StoredRequest(e.to_string()))?;
+        let now_ms = unix_ms();
+        let send_at = request
+            .send_at
+            .as_deref()
+            .and_then(geopush_proto::api::parse_rfc3339_ms);
+        self.publish_now(id.to_owned(), &request, now_ms, send_at)
+            .await
+    }
+
+    /// Send a validated notification under `id` now.
+    async fn publish_now(
+        &self,
+        id: String,
+        request: &NotificationRequest,
+        now_ms: i64,
+        send_at_ms: Option<i64>,
+    ) -> Result<Published, PublishError> {
         let stored = StoredNotification {
             cursor: Cursor { ms: 0, seq: 0 },
             id: id.clone(),
@@ -223,10 +322,22 @@ impl Publisher {
             PublishTarget::Users(users) => users,
             _ => &[],
         };
+        let record = StatusRecord {
+            kind: target_kind(&request.target),
+            scheduled: false,
+            targeted_users: (!users.is_empty()).then_some(users.len() as u64),
+            created_ms: now_ms,
+            send_at_ms,
+            expires_ms: stored.expires_ms,
+        };
+        // Recorded before anything is sent, so no gateway counts ahead of the record.
+        self.status.record(&id, &record, now_ms).await?;
         let queued = match &*self.route {
             Route::Local(node) => {
                 if users.is_empty() {
-                    node.hub.deliver(&target, live_frame, "notification")
+                    let reach = node.hub.deliver_reach(&target, live_frame, "notification");
+                    self.status.count(&id, reach.into());
+                    reach.queued
                 } else {
                     let Bus::Memory(bus) = &node.bus else {
                         return Err(crate::bus::BusError::Unavailable(
@@ -243,6 +354,13 @@ impl Publisher {
                         };
                         queued += node.hub.deliver_user(user, cursor, &id, entry.frame());
                     }
+                    self.status.count(
+                        &id,
+                        crate::status::Counts {
+                            delivered: queued as u64,
+                            ..Default::default()
+                        },
+                    );
                     queued
                 }
             }
@@ -307,10 +425,11 @@ impl Publisher {
                 published
             }
         };
-        if let Some(key) = &request.idempotency_key {
-            self.finish_idempotency_key(key, &id).await?;
-        }
-        Ok(Published { id, queued })
+        Ok(Published {
+            id,
+            queued,
+            scheduled_ms: None,
+        })
     }
 
     /// Claim an idempotency key: a new key gets a new id to publish; a key whose publish

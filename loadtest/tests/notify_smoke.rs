@@ -70,7 +70,7 @@ async fn start_gateway(
     node: &str,
 ) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let mut config = Config::defaults();
-    config.jwt_secret = Some(Secret::new(SECRET));
+    config.tokens.jwt_secret = Some(Secret::new(SECRET));
     config.redis_url = Some(redis_url.into());
     config.node_id = Some(node.into());
     config.subscription_linger_seconds = 0.3;

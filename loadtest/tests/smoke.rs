@@ -18,7 +18,7 @@ async fn start_gateway() -> (
     tokio::task::JoinHandle<()>,
 ) {
     let mut config = Config::defaults();
-    config.jwt_secret = Some(Secret::new(SECRET));
+    config.tokens.jwt_secret = Some(Secret::new(SECRET));
     config.drain_seconds = 0.1;
     config.shutdown_grace_seconds = 1.0;
     let gateway = Gateway::new(config).expect("gateway config");

@@ -4,6 +4,7 @@ use crate::area::{Area, AreaError};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use thiserror::Error;
+use utoipa::ToSchema;
 
 /// Most users one publish call may target.
 pub const MAX_USERS_PER_PUBLISH: usize = 1_000;
@@ -16,34 +17,56 @@ pub const MAX_DATA_LEN: usize = 8_192;
 /// Longest `ttl_s` (a week); the default is a day.
 pub const MAX_TTL_S: u64 = 7 * 24 * 3600;
 pub const DEFAULT_TTL_S: u64 = 24 * 3600;
+/// Furthest ahead `send_at` may lie (30 days).
+pub const MAX_SCHEDULE_AHEAD_S: i64 = 30 * 24 * 3600;
+/// How far in the past `send_at` may lie and still be sent (at once): clocks differ a little.
+pub const MAX_SCHEDULE_PAST_S: i64 = 60;
+/// Longest idempotency key, bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 
 /// Who a notification is for: exactly one of these.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum PublishTarget {
+    /// User ids (`sub` of their tokens), 1 to 1,000: every device of each user, durably.
     Users(Vec<String>),
+    /// Every client inside the area at send time.
     Area(Area),
-    /// The fence of a place.
+    /// Every client inside the fence of this place at send time.
     Place(String),
+    /// Every client subscribed to the topic at send time.
     Topic(String),
-    /// `{"all": true}`.
+    /// `{"all": true}`: every connected client.
     All(bool),
 }
 
-/// `POST /v1/notifications`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `POST /v1/notifications`. Unknown fields are refused, so a misspelt `ttl_s` or
+/// `send_at` is an error rather than a silently different notification.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NotificationRequest {
     pub target: PublishTarget,
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub title: String,
     #[serde(default)]
+    #[schema(max_length = 4096)]
     pub body: String,
-    /// The publisher's JSON object, echoed verbatim to clients.
+    /// The publisher's JSON object (at most 8,192 bytes), echoed verbatim to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub data: Option<Box<RawValue>>,
+    /// Seconds the notification stays deliverable (user inboxes keep it this long).
     #[serde(default = "default_ttl")]
+    #[schema(minimum = 1, maximum = 604800, default = 86400)]
     pub ttl_s: u64,
+    /// RFC 3339 time to send at (e.g. `2026-11-22T18:00:00Z`), at most 30 days ahead;
+    /// absent: now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at: Option<String>,
+    /// A repeat of this key within 24 h returns the first id and sends nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 128)]
     pub idempotency_key: Option<String>,
 }
 
@@ -70,9 +93,67 @@ pub enum RequestError {
     Data,
     #[error("ttl_s must be in 1..={MAX_TTL_S}")]
     Ttl,
+    #[error(
+        "send_at must be an RFC 3339 time at most {MAX_SCHEDULE_AHEAD_S} s ahead and {MAX_SCHEDULE_PAST_S} s past"
+    )]
+    SendAt,
+    #[error("idempotency_key must be 1..={MAX_IDEMPOTENCY_KEY_LEN} bytes")]
+    IdempotencyKey,
+}
+
+impl RequestError {
+    /// The stable `error.code` of the HTTP answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::Users => "invalid_users",
+            RequestError::Area(_) => "invalid_area",
+            RequestError::AllFalse => "invalid_all",
+            RequestError::Name => "invalid_name",
+            RequestError::Title => "title_too_long",
+            RequestError::Body => "body_too_long",
+            RequestError::Data => "invalid_data",
+            RequestError::Ttl => "invalid_ttl",
+            RequestError::SendAt => "invalid_send_at",
+            RequestError::IdempotencyKey => "invalid_idempotency_key",
+        }
+    }
+}
+
+/// Parse an RFC 3339 time to Unix milliseconds.
+pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    let time =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// Format Unix milliseconds as RFC 3339 (UTC).
+pub fn format_rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 impl NotificationRequest {
+    /// When to send it (Unix ms), if scheduled: `send_at` checked against `now_ms`. A time
+    /// up to [`MAX_SCHEDULE_PAST_S`] in the past means "now" (`None`).
+    pub fn send_at_ms(&self, now_ms: i64) -> Result<Option<i64>, RequestError> {
+        let Some(text) = &self.send_at else {
+            return Ok(None);
+        };
+        let at = parse_rfc3339_ms(text).ok_or(RequestError::SendAt)?;
+        if at > now_ms.saturating_add(MAX_SCHEDULE_AHEAD_S * 1000)
+            || at < now_ms.saturating_sub(MAX_SCHEDULE_PAST_S * 1000)
+        {
+            return Err(RequestError::SendAt);
+        }
+        Ok((at > now_ms).then_some(at))
+    }
+
+    /// Check everything but `send_at` (which needs the clock: [`Self::send_at_ms`]).
     pub fn validate(&self) -> Result<(), RequestError> {
         match &self.target {
             PublishTarget::Users(users) => {
@@ -108,6 +189,11 @@ impl NotificationRequest {
         }
         if self.ttl_s == 0 || self.ttl_s > MAX_TTL_S {
             return Err(RequestError::Ttl);
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN)
+        {
+            return Err(RequestError::IdempotencyKey);
         }
         Ok(())
     }
@@ -165,5 +251,29 @@ mod tests {
             check(r#"{"target":{"all":true},"ttl_s":0}"#),
             Err(RequestError::Ttl)
         );
+        assert!(
+            parse(r#"{"target":{"all":true},"ttl":5}"#).is_err(),
+            "unknown field"
+        );
+        assert!(parse(r#"{"target":{"all":true},"ttl_s":-1}"#).is_err());
+    }
+
+    #[test]
+    fn send_at_is_checked_against_the_clock() {
+        let now = parse_rfc3339_ms("2026-11-22T12:00:00Z").expect("parses");
+        let at = |text: &str| {
+            let request: NotificationRequest = serde_json::from_str(&format!(
+                r#"{{"target":{{"all":true}},"send_at":"{text}"}}"#
+            ))
+            .expect("parses");
+            request.send_at_ms(now)
+        };
+        assert_eq!(at("2026-11-22T12:00:30Z"), Ok(Some(now + 30_000)));
+        assert_eq!(at("2026-11-22T13:00:30+01:00"), Ok(Some(now + 30_000)));
+        assert_eq!(at("2026-11-22T11:59:30Z"), Ok(None), "just past: now");
+        assert_eq!(at("2026-11-22T11:00:00Z"), Err(RequestError::SendAt));
+        assert_eq!(at("2027-11-22T12:00:00Z"), Err(RequestError::SendAt));
+        assert_eq!(at("tomorrow"), Err(RequestError::SendAt));
+        assert_eq!(format_rfc3339_ms(now), "2026-11-22T12:00:00Z");
     }
 }

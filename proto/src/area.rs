@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use utoipa::ToSchema;
 
 /// Largest circle radius accepted for a delivery area (a quarter of the Earth's circumference
 /// would already be absurd for a push; this keeps area queries bounded).
@@ -24,27 +25,36 @@ pub enum AreaError {
     Position { ring: usize, index: usize },
     #[error("polygon has more than {MAX_POLYGON_VERTICES} vertices")]
     TooManyVertices,
+    #[error("polygon edges intersect (ring {ring} and ring {other}): it must be simple")]
+    SelfIntersecting { ring: usize, other: usize },
 }
 
 /// A circle on the sphere: every point within `radius_m` great-circle metres of the center.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Circle {
+    #[schema(minimum = -90, maximum = 90)]
     pub lat: f64,
+    #[schema(minimum = -180, maximum = 180)]
     pub lon: f64,
+    /// Metres, > 0 and at most 1,000,000.
+    #[schema(exclusive_minimum = 0, maximum = 1000000)]
     pub radius_m: f64,
 }
 
 /// A polygon in GeoJSON `Polygon` coordinates: `rings[0]` is the outer ring, the rest are
 /// holes; each position is `[lon, lat]`. Edges are straight in lon/lat, as GeoJSON says.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct Polygon {
+    /// Rings of `[lon, lat]` positions, each closed (last = first), at least 4 positions.
+    #[schema(value_type = Vec<Vec<Vec<f64>>>)]
     pub rings: Vec<Vec<[f64; 2]>>,
 }
 
-/// Where a geo-targeted delivery goes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Where a geo-targeted delivery goes: exactly one of these.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Area {
     Circle(Circle),
     Polygon(Polygon),
@@ -92,8 +102,119 @@ impl Polygon {
                 }
             }
         }
+        if let Some((ring, other)) = first_crossing(&self.rings) {
+            return Err(AreaError::SelfIntersecting { ring, other });
+        }
         Ok(())
     }
+}
+
+/// One polygon edge: ring index, position of its first vertex in the ring, and the ends.
+#[derive(Clone, Copy)]
+struct Edge {
+    ring: usize,
+    index: usize,
+    a: [f64; 2],
+    b: [f64; 2],
+}
+
+impl Edge {
+    fn x_range(&self) -> (f64, f64) {
+        (self.a[0].min(self.b[0]), self.a[0].max(self.b[0]))
+    }
+}
+
+/// Twice the signed area of (p, q, r): > 0 counter-clockwise, 0 collinear.
+fn orientation(p: [f64; 2], q: [f64; 2], r: [f64; 2]) -> f64 {
+    (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+}
+
+fn on_segment(p: [f64; 2], q: [f64; 2], r: [f64; 2]) -> bool {
+    r[0] >= p[0].min(q[0])
+        && r[0] <= p[0].max(q[0])
+        && r[1] >= p[1].min(q[1])
+        && r[1] <= p[1].max(q[1])
+}
+
+/// Whether two closed segments share any point.
+fn segments_touch(e: &Edge, f: &Edge) -> bool {
+    let (d1, d2) = (orientation(e.a, e.b, f.a), orientation(e.a, e.b, f.b));
+    let (d3, d4) = (orientation(f.a, f.b, e.a), orientation(f.a, f.b, e.b));
+    if ((d1 > 0.0 && d2 < 0.0) || (d1 < 0.0 && d2 > 0.0))
+        && ((d3 > 0.0 && d4 < 0.0) || (d3 < 0.0 && d4 > 0.0))
+    {
+        return true;
+    }
+    (d1 == 0.0 && on_segment(e.a, e.b, f.a))
+        || (d2 == 0.0 && on_segment(e.a, e.b, f.b))
+        || (d3 == 0.0 && on_segment(f.a, f.b, e.a))
+        || (d4 == 0.0 && on_segment(f.a, f.b, e.b))
+}
+
+/// The rings of the first pair of edges that touch where they should not: edges of one ring
+/// that are not neighbours, or edges of two rings. A sweep over edges sorted by their west
+/// end compares only edges whose longitude ranges overlap, so ordinary polygons cost about
+/// n log n rather than n².
+fn first_crossing(rings: &[Vec<[f64; 2]>]) -> Option<(usize, usize)> {
+    let mut edges: Vec<Edge> = Vec::new();
+    let mut ring_edges = Vec::with_capacity(rings.len());
+    for (ring, positions) in rings.iter().enumerate() {
+        let before = edges.len();
+        for (index, pair) in positions.windows(2).enumerate() {
+            // Repeated positions make zero-length edges; they cross nothing.
+            if pair[0] != pair[1] {
+                edges.push(Edge {
+                    ring,
+                    index,
+                    a: pair[0],
+                    b: pair[1],
+                });
+            }
+        }
+        ring_edges.push(edges.len() - before);
+    }
+    // A ring whose distinct edges cannot enclose anything is degenerate.
+    if let Some(ring) = ring_edges.iter().position(|&n| n < 3) {
+        return Some((ring, ring));
+    }
+    let neighbours = |e: &Edge, f: &Edge| {
+        if e.ring != f.ring {
+            return false;
+        }
+        // Neighbours share exactly one vertex: consecutive edges, or the ring's last and
+        // first (the ring is closed).
+        e.b == f.a || f.b == e.a
+    };
+    edges.sort_by(|e, f| e.x_range().0.total_cmp(&f.x_range().0));
+    for (i, e) in edges.iter().enumerate() {
+        let east = e.x_range().1;
+        for f in &edges[i + 1..] {
+            if f.x_range().0 > east {
+                break;
+            }
+            if neighbours(e, f) {
+                // Neighbours may not fold back onto each other.
+                let folded = orientation(e.a, e.b, if e.b == f.a { f.b } else { f.a }) == 0.0 && {
+                    let (shared, far_e, far_f) = if e.b == f.a {
+                        (e.b, e.a, f.b)
+                    } else {
+                        (e.a, e.b, f.a)
+                    };
+                    (far_e[0] - shared[0]) * (far_f[0] - shared[0])
+                        + (far_e[1] - shared[1]) * (far_f[1] - shared[1])
+                        > 0.0
+                };
+                if folded && e.index != f.index {
+                    return Some((e.ring, f.ring));
+                }
+                continue;
+            }
+            if segments_touch(e, f) {
+                return Some((e.ring.min(f.ring), e.ring.max(f.ring)));
+            }
+        }
+    }
+    None
 }
 
 impl Area {
@@ -167,6 +288,59 @@ mod tests {
             Err(AreaError::Position { ring: 0, index: 1 })
         );
         assert_eq!(Polygon { rings: vec![] }.validate(), Err(AreaError::NoRing));
+    }
+
+    #[test]
+    fn self_intersecting_polygons_are_refused() {
+        let bow_tie = Polygon {
+            rings: vec![vec![
+                [0.0, 0.0],
+                [1.0, 1.0],
+                [1.0, 0.0],
+                [0.0, 1.0],
+                [0.0, 0.0],
+            ]],
+        };
+        assert_eq!(
+            bow_tie.validate(),
+            Err(AreaError::SelfIntersecting { ring: 0, other: 0 })
+        );
+        let square = vec![[0.0, 0.0], [4.0, 0.0], [4.0, 4.0], [0.0, 4.0], [0.0, 0.0]];
+        let hole = vec![[1.0, 1.0], [2.0, 1.0], [2.0, 2.0], [1.0, 2.0], [1.0, 1.0]];
+        let with_hole = Polygon {
+            rings: vec![square.clone(), hole],
+        };
+        assert_eq!(with_hole.validate(), Ok(()));
+        let crossing_hole = vec![[3.0, 1.0], [5.0, 1.0], [5.0, 2.0], [3.0, 2.0], [3.0, 1.0]];
+        assert_eq!(
+            Polygon {
+                rings: vec![square.clone(), crossing_hole]
+            }
+            .validate(),
+            Err(AreaError::SelfIntersecting { ring: 0, other: 1 })
+        );
+        let spike = Polygon {
+            rings: vec![vec![
+                [0.0, 0.0],
+                [2.0, 0.0],
+                [1.0, 0.0],
+                [1.0, 1.0],
+                [0.0, 0.0],
+            ]],
+        };
+        assert!(spike.validate().is_err());
+        let flat = Polygon {
+            rings: vec![vec![[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]],
+        };
+        assert!(flat.validate().is_err());
+        // A real-world shape with many vertices: a 1,000-gon is simple.
+        let gon: Vec<[f64; 2]> = (0..=1000)
+            .map(|i| {
+                let t = (i % 1000) as f64 / 1000.0 * std::f64::consts::TAU;
+                [13.4 + 0.01 * t.cos(), 52.5 + 0.01 * t.sin()]
+            })
+            .collect();
+        assert_eq!(Polygon { rings: vec![gon] }.validate(), Ok(()));
     }
 
     #[test]

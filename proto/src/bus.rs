@@ -79,6 +79,19 @@ impl Keys {
     pub fn idempotency(&self, key: &str) -> String {
         format!("{}idem:{{{key}}}", self.prefix)
     }
+    /// Where geofence events go after the webhook dispatcher gave up on them.
+    pub fn events_dead_letter(&self) -> String {
+        format!("{}events:dead", self.prefix)
+    }
+    /// Scheduled notifications: a sorted set of ids by due time (Unix ms). It shares a hash
+    /// tag with [`Keys::schedule_requests`], so one script claims from both on a cluster.
+    pub fn schedule(&self) -> String {
+        format!("{}{{sched}}", self.prefix)
+    }
+    /// The requests of scheduled notifications: a hash of id → request JSON.
+    pub fn schedule_requests(&self) -> String {
+        format!("{}{{sched}}:req", self.prefix)
+    }
 }
 
 /// The geohash levels (cell lengths) nodes subscribe and publishers choose from: about

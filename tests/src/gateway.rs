@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 /// drain so that shutting a test gateway down is quick.
 pub fn test_config() -> Config {
     let mut config = Config::defaults();
-    config.jwt_secret = Some(Secret::new(TEST_SECRET));
+    config.tokens.jwt_secret = Some(Secret::new(TEST_SECRET));
     config.node_id = Some("test-node".into());
     config.drain_seconds = 0.2;
     config.shutdown_grace_seconds = 1.0;

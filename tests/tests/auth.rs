@@ -16,7 +16,7 @@ use geopush_tests::{READ_TIMEOUT, TestGateway, WAIT_TIMEOUT, WsClient, test_conf
 /// A gateway whose only key is `key` (the HMAC secret of [`test_config`] removed).
 async fn gateway_with_key(set_key: impl FnOnce(&mut Config)) -> TestGateway {
     let mut config = test_config();
-    config.jwt_secret = None;
+    config.tokens.jwt_secret = None;
     set_key(&mut config);
     TestGateway::start(config).await.expect("gateway starts")
 }
@@ -209,7 +209,7 @@ async fn bad_tokens_get_401_before_the_upgrade() {
 async fn rs256_pem_gateway_accepts_its_key_only() {
     let public_pem_path = fixture("rsa-public.pem");
     let gateway = gateway_with_key(|c| {
-        c.jwt_public_key = Some(public_pem_path.display().to_string());
+        c.tokens.jwt_public_key = Some(public_pem_path.display().to_string());
     })
     .await;
     let claims = TestClaims::new("alice", 3600);
@@ -249,7 +249,7 @@ async fn rs256_pem_gateway_accepts_its_key_only() {
 async fn es256_pem_gateway_accepts_its_key_only() {
     // PEM text inline rather than a path: both forms are accepted by the configuration.
     let public_pem = fixture_text("ec-public.pem").expect("pem");
-    let gateway = gateway_with_key(|c| c.jwt_public_key = Some(public_pem.clone())).await;
+    let gateway = gateway_with_key(|c| c.tokens.jwt_public_key = Some(public_pem.clone())).await;
     let claims = TestClaims::new("bob", 3600);
     assert_accepted(
         &gateway,
@@ -278,7 +278,7 @@ async fn es256_pem_gateway_accepts_its_key_only() {
 
 #[tokio::test]
 async fn jwks_gateway_picks_the_key_by_kid() {
-    let gateway = gateway_with_key(|c| c.jwks_file = Some(fixture("jwks.json"))).await;
+    let gateway = gateway_with_key(|c| c.tokens.jwks_file = Some(fixture("jwks.json"))).await;
     let claims = TestClaims::new("carol", 3600);
     assert_accepted(
         &gateway,
@@ -331,8 +331,8 @@ async fn jwks_gateway_picks_the_key_by_kid() {
 
 async fn gateway_with_issuer_and_audience() -> TestGateway {
     TestGateway::start_with(|c| {
-        c.jwt_issuer = Some("https://issuer.test".into());
-        c.jwt_audience = Some("geopush".into());
+        c.tokens.jwt_issuer = Some("https://issuer.test".into());
+        c.tokens.jwt_audience = Some("geopush".into());
     })
     .await
     .expect("gateway")

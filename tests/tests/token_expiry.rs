@@ -11,7 +11,7 @@ use serde_json::json;
 
 async fn gateway() -> TestGateway {
     TestGateway::start_with(|c| {
-        c.jwt_leeway_seconds = 0;
+        c.tokens.jwt_leeway_seconds = 0;
         c.token_grace_seconds = 0.5;
     })
     .await

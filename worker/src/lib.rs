@@ -1,3 +1,7 @@
-//! geopush worker: the control plane (publish API, places API, status, webhooks).
+//! geopush worker: the control plane process.
 //!
-//! Not built yet: issue 5 fills this crate. It exists so the workspace has its final shape.
+//! It serves the backend HTTP API (the routes live in `geopush_gateway::api`, which the
+//! single-node gateway serves too) with a Redis publisher, runs scheduled sends, and
+//! delivers geofence events to webhooks ([`webhooks`]).
+
+pub mod webhooks;

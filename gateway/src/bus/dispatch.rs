@@ -9,6 +9,7 @@
 use crate::bus::redis::RedisBus;
 use crate::node::Node;
 use crate::session;
+use crate::status::Counts;
 use bytes::Bytes;
 use geopush_proto::bus::{Cursor, decode_envelope};
 use redis::{PushInfo, PushKind, Value};
@@ -103,16 +104,22 @@ fn route(node: &Node, signals: &BusSignals, channel: &[u8], payload: &[u8]) {
             warn!(channel, "user message without a cursor dropped");
             return;
         };
-        node.hub.deliver_user(user, cursor, &header.id, frame);
-    } else if let Some(topic) = inner("t:") {
-        node.hub.deliver(
-            &crate::Target::Topic(topic.to_owned()),
-            frame,
-            "notification",
+        let queued = node.hub.deliver_user(user, cursor, &header.id, frame);
+        node.status.count(
+            &header.id,
+            Counts {
+                delivered: queued as u64,
+                ..Counts::default()
+            },
         );
+    } else if let Some(topic) = inner("t:") {
+        let target = crate::Target::Topic(topic.to_owned());
+        let reach = node.hub.deliver_reach(&target, frame, "notification");
+        node.status.count(&header.id, reach.into());
     } else if name == "all" {
         let target = header.area.map_or(crate::Target::All, crate::Target::Area);
-        node.hub.deliver(&target, frame, "notification");
+        let reach = node.hub.deliver_reach(&target, frame, "notification");
+        node.status.count(&header.id, reach.into());
     } else if let Some(rest) = name.strip_prefix("g:") {
         let cell = rest
             .split_once(':')
@@ -120,7 +127,8 @@ fn route(node: &Node, signals: &BusSignals, channel: &[u8], payload: &[u8]) {
             .and_then(|c| c.strip_suffix('}'));
         match (cell, header.area) {
             (Some(cell), Some(area)) => {
-                node.hub.deliver_in_cell(&area, cell, frame);
+                let reach = node.hub.deliver_in_cell(&area, cell, frame);
+                node.status.count(&header.id, reach.into());
             }
             _ => warn!(channel, "geo message without a cell or an area dropped"),
         }

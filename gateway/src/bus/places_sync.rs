@@ -9,6 +9,7 @@
 
 use super::BusError;
 use super::redis::Conn;
+use crate::geo::PlacesReplica;
 use crate::node::Node;
 use geopush_proto::bus::{Cursor, Keys};
 use geopush_proto::place::Place;
@@ -104,6 +105,26 @@ impl PlacesStore {
             .arg(op)
             .arg("id")
             .arg(id)
+    }
+
+    /// One place's Feature JSON, as stored.
+    pub async fn get(&self, id: &str) -> Result<Option<String>, BusError> {
+        redis::cmd("HGET")
+            .arg(self.keys.places())
+            .arg(id)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Delete places by id; how many existed.
+    pub async fn delete_existing(&self, id: &str) -> Result<bool, BusError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL").arg(self.keys.places()).arg(id);
+        self.log(&mut pipe, "delete", id).ignore();
+        let (removed,): (u64,) = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(removed > 0)
     }
 
     /// Delete places by id.
@@ -206,8 +227,30 @@ async fn trimmed_past(conn: &mut Conn, keys: &Keys, applied: Cursor) -> Result<b
     Ok(max_deleted.is_some_and(|deleted| deleted > applied))
 }
 
+/// Whoever keeps a places replica in sync with the store: a gateway node, the worker.
+pub trait PlacesFollower: Send + Sync + 'static {
+    fn replica(&self) -> &PlacesReplica;
+    /// The replica was loaded or changed.
+    fn changed(&self);
+}
+
+impl PlacesFollower for Node {
+    fn replica(&self) -> &PlacesReplica {
+        &self.places
+    }
+    fn changed(&self) {
+        self.metrics.places.set(self.places.snapshot().len() as i64);
+        self.places_loaded.store(true, Ordering::Release);
+    }
+}
+
 /// Load the snapshot, then follow the log until `stop`; reload after trims and outages.
-pub async fn run_places_sync(node: Arc<Node>, mut conn: Conn, keys: Keys, stop: CancellationToken) {
+pub async fn run_places_sync<F: PlacesFollower>(
+    node: Arc<F>,
+    mut conn: Conn,
+    keys: Keys,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     'reload: loop {
         // Read the log head before the hash: changes after it are replayed from the log.
@@ -233,9 +276,8 @@ pub async fn run_places_sync(node: Arc<Node>, mut conn: Conn, keys: Keys, stop: 
         };
         backoff = Duration::from_millis(100);
         info!(places = places.len(), "places snapshot loaded");
-        node.places.replace(places);
-        node.metrics.places.set(node.places.snapshot().len() as i64);
-        node.places_loaded.store(true, Ordering::Release);
+        node.replica().replace(places);
+        node.changed();
         loop {
             let mut command = redis::cmd("XREAD");
             command
@@ -302,8 +344,8 @@ pub async fn run_places_sync(node: Arc<Node>, mut conn: Conn, keys: Keys, stop: 
                 // Upserted places replace older versions of themselves.
                 let mut replaced: Vec<String> = upserts.iter().map(|p| p.id.clone()).collect();
                 replaced.extend(deletes);
-                node.places.apply(upserts, &replaced);
-                node.metrics.places.set(node.places.snapshot().len() as i64);
+                node.replica().apply(upserts, &replaced);
+                node.changed();
             }
             applied = last;
         }

@@ -20,14 +20,16 @@ use crate::geo::nearby::NearbyTracker;
 use crate::geo::places::PlacesSnapshot;
 use crate::hub::SubscribeError;
 use crate::node::{ConnectionSlot, Node};
+use crate::status::Counts;
 use bytes::{Bytes, BytesMut};
 use fastwebsockets::{OpCode, Payload, Role, WebSocketError, WebSocketRead, after_handshake_split};
 use geopush_proto::bus::Cursor;
 use geopush_proto::frames::{ClientFrame, LocationFrame, ServerFrame, decode_client_frame};
 use geopush_proto::{CloseCode, ErrorCode, Fix};
 use hyper_util::rt::TokioIo;
-use outbound::{Outbound, Outgoing, ReplayFrom, ReplayStep, run_writer};
+use outbound::{AckMatch, Outbound, Outgoing, ReplayFrom, ReplayStep, run_writer};
 use socket::{SessionSocket, SocketReader, SocketWriter};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -329,7 +331,13 @@ struct Session {
     bad_in_window: u32,
     /// A fragmented message being reassembled.
     partial: Option<(OpCode, BytesMut)>,
+    /// Ids whose acks were counted lately, so a repeated ack is not counted twice (kept
+    /// only once the client acks something).
+    counted_acks: Option<Box<VecDeque<Box<str>>>>,
 }
+
+/// How many recently counted ack ids a session remembers.
+const COUNTED_ACKS_REMEMBERED: usize = 32;
 
 /// Longest token lifetime the session timer honours; a later `exp` is treated as this.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -389,15 +397,22 @@ pub(crate) async fn replay(
             break;
         }
         for entry in &page {
-            if outbound.push_replayed(
+            match outbound.push_replayed(
                 generation,
                 entry.cursor,
                 &entry.id,
                 entry.frame(),
                 &node.metrics,
-            ) == ReplayStep::Superseded
-            {
-                return;
+            ) {
+                ReplayStep::Superseded => return,
+                ReplayStep::Queued => node.status.count(
+                    &entry.id,
+                    Counts {
+                        delivered: 1,
+                        ..Counts::default()
+                    },
+                ),
+                ReplayStep::Skipped => {}
             }
             after = Some(entry.cursor);
         }
@@ -496,6 +511,7 @@ pub(crate) async fn run(
         bad_window_start: now,
         bad_in_window: 0,
         partial: None,
+        counted_acks: None,
         node: node.clone(),
     };
     debug!(session = id, user = %claims.sub, device = claims.device(), "session open");
@@ -843,7 +859,10 @@ impl Session {
             }
             ClientFrame::Refresh { token } => self.on_refresh(&token),
             ClientFrame::Ack { ids } => {
-                if let Some(cursor) = self.outbound.ack(&ids) {
+                let mut matched = Vec::with_capacity(ids.len());
+                let stored = self.outbound.ack(&ids, &mut matched);
+                self.count_acks(&ids, &matched);
+                if let Some(cursor) = stored {
                     self.node.bus.store_ack_in_background(
                         &self.node,
                         &self.user,
@@ -871,6 +890,33 @@ impl Session {
                     "resume.after must be an inbox cursor like 1763700000000-0",
                 ),
             },
+        }
+    }
+
+    /// Count acks in the notifications' status: a user notification's first ack, and an
+    /// untracked id (a live notification) unless this session counted it lately.
+    fn count_acks(&mut self, ids: &[String], matched: &[AckMatch]) {
+        for (id, matched) in ids.iter().zip(matched) {
+            let recent = self.counted_acks.get_or_insert_with(Default::default);
+            let count = match matched {
+                AckMatch::First => true,
+                AckMatch::Again => false,
+                AckMatch::Untracked => !recent.iter().any(|r| **r == **id),
+            };
+            if !count {
+                continue;
+            }
+            if recent.len() >= COUNTED_ACKS_REMEMBERED {
+                recent.pop_front();
+            }
+            recent.push_back(id.as_str().into());
+            self.node.status.count(
+                id,
+                Counts {
+                    acked: 1,
+                    ..Counts::default()
+                },
+            );
         }
     }
 

@@ -51,6 +51,14 @@ pub enum Pushed {
     Held,
 }
 
+/// What an acked id named (see [`Outbound::ack`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckMatch {
+    First,
+    Again,
+    Untracked,
+}
+
 /// Most delivered-but-unacked user notifications a session remembers for acks; older
 /// ones keep the stored cursor where it is (so they are replayed: at-least-once).
 const MAX_UNACKED: usize = 512;
@@ -167,6 +175,8 @@ impl Queue {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplayStep {
     Queued,
+    /// Already delivered to this session; not queued again.
+    Skipped,
     /// A newer replay (or the session's end) took over; stop this one.
     Superseded,
 }
@@ -300,10 +310,10 @@ impl Outbound {
         let pushed = queue.push_user(cursor, id, json, None, capacity, metrics);
         drop(queue);
         self.0.wake.notify_one();
-        if matches!(pushed, Pushed::Overflowed | Pushed::Closing) {
-            ReplayStep::Superseded
-        } else {
-            ReplayStep::Queued
+        match pushed {
+            Pushed::Overflowed | Pushed::Closing => ReplayStep::Superseded,
+            Pushed::Duplicate => ReplayStep::Skipped,
+            Pushed::Queued | Pushed::Held => ReplayStep::Queued,
         }
     }
 
@@ -327,12 +337,22 @@ impl Outbound {
         self.0.wake.notify_one();
     }
 
-    /// Mark notifications acked; the new stored cursor when the acked prefix grew.
-    pub fn ack(&self, ids: &[String]) -> Option<Cursor> {
+    /// Mark notifications acked; the new stored cursor when the acked prefix grew. `matched`
+    /// is filled with what each id named: a user notification acked now for the first time,
+    /// one acked before, or nothing this session tracks (a live notification, or one whose
+    /// ack already moved the stored cursor).
+    pub fn ack(&self, ids: &[String], matched: &mut Vec<AckMatch>) -> Option<Cursor> {
+        matched.clear();
+        matched.resize(ids.len(), AckMatch::Untracked);
         let mut queue = self.lock();
         let feed = queue.feed.as_mut()?;
         for (_, id, acked) in feed.unacked.iter_mut() {
-            if ids.iter().any(|a| **a == **id) {
+            if let Some(i) = ids.iter().position(|a| **a == **id) {
+                matched[i] = if *acked {
+                    AckMatch::Again
+                } else {
+                    AckMatch::First
+                };
                 *acked = true;
             }
         }
@@ -569,7 +589,8 @@ mod tests {
         );
         assert_eq!(
             out.push_replayed(generation, cursor(1), "a", json(), &metrics),
-            ReplayStep::Queued
+            ReplayStep::Skipped,
+            "already delivered"
         );
         assert_eq!(
             out.push_replayed(generation, cursor(2), "b", json(), &metrics),
@@ -630,10 +651,23 @@ mod tests {
         for (ms, id) in [(1, "a"), (2, "b"), (3, "c")] {
             out.offer_user(cursor(ms), id, Bytes::from_static(b"{}"), None, &metrics);
         }
-        assert_eq!(out.ack(&["b".into()]), None, "a is not acked yet");
-        assert_eq!(out.ack(&["a".into()]), Some(cursor(2)));
-        assert_eq!(out.ack(&["zzz".into()]), None);
-        assert_eq!(out.ack(&["c".into()]), Some(cursor(3)));
+        let mut matched = Vec::new();
+        assert_eq!(
+            out.ack(&["b".into()], &mut matched),
+            None,
+            "a is not acked yet"
+        );
+        assert_eq!(matched, [AckMatch::First]);
+        assert_eq!(
+            out.ack(&["a".into(), "b".into()], &mut matched),
+            Some(cursor(2))
+        );
+        assert_eq!(matched, [AckMatch::First, AckMatch::Again]);
+        assert_eq!(out.ack(&["b".into()], &mut matched), None);
+        assert_eq!(matched, [AckMatch::Untracked], "b left the window with a");
+        assert_eq!(out.ack(&["zzz".into()], &mut matched), None);
+        assert_eq!(matched, [AckMatch::Untracked]);
+        assert_eq!(out.ack(&["c".into()], &mut matched), Some(cursor(3)));
     }
 
     #[tokio::test]
