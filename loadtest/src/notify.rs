@@ -89,9 +89,18 @@ pub struct NotifyArgs {
     /// Seconds of publishing.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
-    /// Most publishes in flight at once (they share one multiplexed Redis connection).
+    /// Most publishes in flight at once (they share one multiplexed Redis connection, or
+    /// with --worker-url a pool of HTTP connections).
     #[arg(long, default_value_t = 64)]
     pub publishers: usize,
+    /// Publish through a worker's `POST /v1/notifications` at this base URL (e.g.
+    /// `http://127.0.0.1:8081`) instead of the publisher library in this process: the
+    /// latency then includes the worker.
+    #[arg(long)]
+    pub worker_url: Option<String>,
+    /// The API key sent to the worker.
+    #[arg(long, env = "GEOPUSH_API_KEY", default_value = geopush_gateway::config::DEV_API_KEY)]
+    pub api_key: String,
     /// New client connections per second.
     #[arg(long, default_value_t = 2_000.0)]
     pub connect_rate: f64,
@@ -143,6 +152,8 @@ impl NotifyArgs {
             rate: 1_000.0,
             seconds: 10.0,
             publishers: 64,
+            worker_url: None,
+            api_key: geopush_gateway::config::DEV_API_KEY.into(),
             connect_rate: 2_000.0,
             settle_seconds: 1.0,
             drain_seconds: 3.0,
@@ -679,6 +690,49 @@ pub struct PublisherReport {
     pub cpu: CpuTime,
 }
 
+/// How the publisher sends: the library in this process, or a worker's HTTP API.
+#[derive(Clone)]
+enum Sender {
+    Direct(Publisher),
+    Worker {
+        client: reqwest::Client,
+        url: Arc<String>,
+        authorization: Arc<String>,
+    },
+}
+
+impl Sender {
+    async fn send(&self, request: &NotificationRequest) -> Result<(), String> {
+        match self {
+            Sender::Direct(publisher) => publisher
+                .publish(request)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Sender::Worker {
+                client,
+                url,
+                authorization,
+            } => {
+                let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+                let response = client
+                    .post(url.as_str())
+                    .header("authorization", authorization.as_str())
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| format!("worker: {e}"))?;
+                if response.status().as_u16() == 202 {
+                    Ok(())
+                } else {
+                    Err(format!("worker answered {}", response.status().as_u16()))
+                }
+            }
+        }
+    }
+}
+
 /// Publish `rate` × `seconds` user notifications to random users of `users`, at most
 /// `in_flight` at once, on a runtime of its own in a thread of its own.
 fn spawn_publisher(
@@ -688,6 +742,12 @@ fn spawn_publisher(
 ) -> std::thread::JoinHandle<anyhow::Result<PublisherReport>> {
     let redis_url = args.redis_url.clone();
     let prefix = args.redis_prefix.clone();
+    let worker = args.worker_url.as_ref().map(|url| {
+        (
+            format!("{}/v1/notifications", url.trim_end_matches('/')),
+            args.api_key.clone(),
+        )
+    });
     let (rate, seconds, in_flight, seed) = (args.rate, args.seconds, args.publishers, args.seed);
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -696,10 +756,24 @@ fn spawn_publisher(
             .context("starting the publisher's runtime")?;
         let tid = thread_id();
         runtime.block_on(async move {
-            let target = RedisTarget::parse(&redis_url, false);
-            let publisher = Publisher::connect(&target, &prefix, 1_000)
-                .await
-                .context("publisher: connecting to Redis")?;
+            let publisher = match worker {
+                Some((url, key)) => Sender::Worker {
+                    client: reqwest::Client::builder()
+                        .pool_max_idle_per_host(in_flight)
+                        .build()
+                        .context("publisher: building the HTTP client")?,
+                    url: Arc::new(url),
+                    authorization: Arc::new(format!("Bearer {key}")),
+                },
+                None => {
+                    let target = RedisTarget::parse(&redis_url, false);
+                    Sender::Direct(
+                        Publisher::connect(&target, &prefix, 1_000)
+                            .await
+                            .context("publisher: connecting to Redis")?,
+                    )
+                }
+            };
             // Wait for the clients (the receiver ends if they failed).
             if go.recv().is_err() {
                 return Ok(PublisherReport::default());
@@ -748,10 +822,11 @@ fn spawn_publisher(
                             body: String::new(),
                             data,
                             ttl_s: NOTIFICATION_TTL_S,
+                            send_at: None,
                             idempotency_key: None,
                         };
-                        match publisher.publish(&request).await {
-                            Ok(_) => {
+                        match publisher.send(&request).await {
+                            Ok(()) => {
                                 published.fetch_add(1, Ordering::Relaxed);
                                 let micros = called.elapsed().as_micros() as u64;
                                 calls
@@ -759,7 +834,7 @@ fn spawn_publisher(
                                     .unwrap_or_else(|p| p.into_inner())
                                     .saturating_record(micros.clamp(1, MAX_LATENCY_US));
                             }
-                            Err(e) => count(&errors, e.to_string()),
+                            Err(e) => count(&errors, e),
                         }
                         drop(permit);
                     });

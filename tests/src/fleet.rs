@@ -64,6 +64,7 @@ fn request(target: PublishTarget, title: &str, ttl_s: u64) -> NotificationReques
         body: format!("body of {title}"),
         data: None,
         ttl_s,
+        send_at: None,
         idempotency_key: None,
     }
 }

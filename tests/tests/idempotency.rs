@@ -17,6 +17,7 @@ fn keyed(user: &str, key: &str) -> NotificationRequest {
         body: String::new(),
         data: None,
         ttl_s: 3600,
+        send_at: None,
         idempotency_key: Some(key.into()),
     }
 }

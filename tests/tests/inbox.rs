@@ -16,6 +16,7 @@ fn to_user(user: &str, title: &str, ttl_s: u64) -> NotificationRequest {
         body: String::new(),
         data: None,
         ttl_s,
+        send_at: None,
         idempotency_key: None,
     }
 }
