@@ -11,6 +11,8 @@
 # usage: loadtest/scripts/notify.sh [OUT_DIR] [RATES...]
 #   env: GATEWAY=target/release/geopush-gateway  LOADTEST=target/release/geopush-loadtest
 #        USERS=2000  SECONDS_EACH=30  CHURN=1000  PUBLISHERS=64  THREADS=1
+#        VIA_WORKER=0  (1: also start geopush-worker and publish through its HTTP API;
+#                      WORKER=target/release/geopush-worker)
 #        LOADTEST_ARGS=""  (extra flags for geopush-loadtest notify)
 set -euo pipefail
 
@@ -26,6 +28,8 @@ seconds="${SECONDS_EACH:-30}"
 churn="${CHURN:-1000}"
 publishers="${PUBLISHERS:-64}"
 threads="${THREADS:-1}"
+via_worker="${VIA_WORKER:-0}"
+worker="${WORKER:-$here/target/release/geopush-worker}"
 secret="notify-bench-secret"
 mkdir -p "$out"
 
@@ -84,6 +88,17 @@ for node in a b; do
     wait_ready "$port"
 done
 
+worker_args=()
+if [ "$via_worker" = 1 ]; then
+    [ -x "$worker" ] || { echo "missing $worker: cargo build --release -p geopush-worker" >&2; exit 2; }
+    wport="$(free_port)"
+    GEOPUSH_LOG=warn "$worker" --listen "127.0.0.1:$wport" --redis-url "$redis_url" \
+        --log-format json 2>"$out/worker.log" &
+    pids+=("$!")
+    wait_ready "$wport"
+    worker_args=(--worker-url "http://127.0.0.1:$wport")
+fi
+
 first=1
 for rate in "${rates[@]}"; do
     tag="r${rate}"
@@ -96,6 +111,6 @@ for rate in "${rates[@]}"; do
         --users "$users" --rate "$rate" --seconds "$seconds" --publishers "$publishers" \
         --threads "$threads" --gateway-pid "$(IFS=,; echo "${gw_pids[*]}")" \
         --sub-prefix "$tag-$$" --json-report "$out/$tag.json" -q \
-        "${extra[@]}" ${LOADTEST_ARGS:-} | tee "$out/$tag.txt"
+        "${extra[@]}" "${worker_args[@]}" ${LOADTEST_ARGS:-} | tee "$out/$tag.txt"
     sleep 3
 done
