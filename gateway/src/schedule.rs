@@ -166,6 +166,11 @@ impl Scheduler {
         }
     }
 
+    /// Whether nothing is scheduled.
+    pub async fn is_empty(&self) -> Result<bool, BusError> {
+        Ok(self.len().await? == 0)
+    }
+
     /// Scheduled notifications waiting (for tests and metrics).
     pub async fn len(&self) -> Result<usize, BusError> {
         match self {

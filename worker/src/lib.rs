@@ -99,12 +99,51 @@ pub struct Worker {
     /// For the places follower (it blocks its connection) and health checks.
     places_conn: Conn,
     check_conn: Conn,
+    /// The webhook dispatcher's settings, when URLs are configured (validated at start).
+    webhooks: Option<webhooks::WebhookConfig>,
+}
+
+/// The dispatcher's settings from the worker's, checked.
+fn webhook_config(config: &WorkerConfig) -> Result<Option<webhooks::WebhookConfig>, WorkerError> {
+    let hooks = &config.webhooks;
+    if hooks.webhook_urls.is_empty() {
+        return Ok(None);
+    }
+    let consumer = config
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("worker-{:08x}", rand::random::<u32>()));
+    if config.worker_id.is_none() {
+        warn!(
+            consumer,
+            "no GEOPUSH_WORKER_ID: webhook consumer has a random name; give each replica a stable one (e.g. the pod name)"
+        );
+    }
+    let mut webhook_config = webhooks::WebhookConfig::new(
+        hooks.webhook_urls.clone(),
+        hooks
+            .webhook_secret
+            .as_ref()
+            .map(|s| s.expose().as_bytes().to_vec())
+            .unwrap_or_default(),
+        consumer,
+    );
+    webhook_config.max_attempts = hooks.webhook_max_attempts;
+    webhook_config.backoff_base = Duration::from_millis(hooks.webhook_backoff_base_ms);
+    webhook_config.backoff_max = Duration::from_millis(hooks.webhook_backoff_max_ms);
+    webhook_config.request_timeout = Duration::from_secs_f64(hooks.webhook_timeout_seconds);
+    webhook_config.batch = hooks.webhook_batch;
+    webhook_config.concurrency = hooks.webhook_concurrency;
+    webhook_config.claim_idle = Duration::from_secs_f64(hooks.webhook_claim_idle_seconds);
+    webhook_config.validate()?;
+    Ok(Some(webhook_config))
 }
 
 impl Worker {
     /// Validate the configuration and connect to Redis.
     pub async fn start(config: WorkerConfig) -> Result<Worker, WorkerError> {
         config.validate()?;
+        let webhooks = webhook_config(&config)?;
         let target = RedisTarget::parse(config.redis()?, config.redis_cluster);
         let keys = Keys::new(config.redis_prefix.clone());
         let publisher = Publisher::connect(&target, &config.redis_prefix, config.inbox_len).await?;
@@ -158,6 +197,7 @@ impl Worker {
             keys,
             places_conn,
             check_conn,
+            webhooks,
         })
     }
 
@@ -199,29 +239,7 @@ impl Worker {
             self.check_conn.clone(),
             stop.clone(),
         ));
-        let hooks = &state.config.webhooks;
-        if !hooks.webhook_urls.is_empty() {
-            let consumer = state
-                .config
-                .worker_id
-                .clone()
-                .unwrap_or_else(|| format!("worker-{:08x}", rand::random::<u32>()));
-            let mut webhook_config = webhooks::WebhookConfig::new(
-                hooks.webhook_urls.clone(),
-                hooks
-                    .webhook_secret
-                    .as_ref()
-                    .map(|s| s.expose().as_bytes().to_vec())
-                    .unwrap_or_default(),
-                consumer,
-            );
-            webhook_config.max_attempts = hooks.webhook_max_attempts;
-            webhook_config.backoff_base = Duration::from_millis(hooks.webhook_backoff_base_ms);
-            webhook_config.backoff_max = Duration::from_millis(hooks.webhook_backoff_max_ms);
-            webhook_config.request_timeout = Duration::from_secs_f64(hooks.webhook_timeout_seconds);
-            webhook_config.batch = hooks.webhook_batch;
-            webhook_config.concurrency = hooks.webhook_concurrency;
-            webhook_config.claim_idle = Duration::from_secs_f64(hooks.webhook_claim_idle_seconds);
+        if let Some(webhook_config) = self.webhooks.clone() {
             let run = webhooks::run_webhooks(
                 self.target.clone(),
                 self.keys.clone(),

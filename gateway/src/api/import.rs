@@ -115,13 +115,14 @@ impl CollectionSplitter {
             }
             let collecting =
                 self.phase == Phase::Features && (self.element.is_some() || self.oversized);
-            if collecting && !self.oversized {
-                if let Some(element) = self.element.as_mut() {
-                    element.push(byte);
-                    if element.len() > max_row {
-                        self.oversized = true;
-                        self.element = None;
-                    }
+            if collecting
+                && !self.oversized
+                && let Some(element) = self.element.as_mut()
+            {
+                element.push(byte);
+                if element.len() > max_row {
+                    self.oversized = true;
+                    self.element = None;
                 }
             }
             if self.in_string {

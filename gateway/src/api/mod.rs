@@ -450,9 +450,11 @@ impl Api {
                 "lat, lon and radius_m are required",
             ));
         };
-        if !(lat.is_finite() && (-90.0..=90.0).contains(&lat))
-            || !(lon.is_finite() && (-180.0..=180.0).contains(&lon))
-        {
+        let in_range = lat.is_finite()
+            && (-90.0..=90.0).contains(&lat)
+            && lon.is_finite()
+            && (-180.0..=180.0).contains(&lon);
+        if !in_range {
             return Err(ApiError::bad_request(
                 "invalid_coordinates",
                 "lat must be in [-90, 90] and lon in [-180, 180]",
