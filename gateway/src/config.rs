@@ -114,6 +114,11 @@ pub struct ApiConfig {
     #[arg(long, env = "GEOPUSH_API_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub api_max_body_bytes: usize,
 
+    /// Longest wait for the next bytes of a request body (the whole body of ordinary
+    /// requests; each chunk of an import), seconds; then 408.
+    #[arg(long, env = "GEOPUSH_API_BODY_TIMEOUT_SECONDS", default_value_t = 30.0)]
+    pub api_body_timeout_seconds: f64,
+
     /// Largest single row (an NDJSON line or a FeatureCollection feature) of a places
     /// import, bytes; an import itself may be of any size.
     #[arg(long, env = "GEOPUSH_IMPORT_MAX_ROW_BYTES", default_value_t = 256 * 1024)]
@@ -171,6 +176,7 @@ impl ApiConfig {
                 reason: "must be at least 1024".into(),
             });
         }
+        positive_seconds("api_body_timeout_seconds", self.api_body_timeout_seconds)?;
         at_least_one("import_batch", self.import_batch)?;
         at_least_one("api_max_nearby_limit", self.api_max_nearby_limit)?;
         at_least_one("schedule_poll_ms", self.schedule_poll_ms)?;
@@ -182,6 +188,9 @@ impl ApiConfig {
             });
         }
         Ok(())
+    }
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.api_body_timeout_seconds)
     }
     pub fn schedule_poll(&self) -> Duration {
         Duration::from_millis(self.schedule_poll_ms)

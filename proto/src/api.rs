@@ -28,15 +28,16 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum PublishTarget {
-    /// User ids (`sub` of their tokens), 1 to 1,000: every device of each user, durably.
+    /// User ids (`sub` of their tokens), 1 to 1,000 of 1 to 128 bytes: every device of each
+    /// user, durably.
     Users(Vec<String>),
     /// Every client inside the area at send time.
     Area(Area),
-    /// Every client inside the fence of this place at send time.
+    /// Every client inside the fence of this place (its id, 1 to 128 bytes) at send time.
     Place(String),
-    /// Every client subscribed to the topic at send time.
+    /// Every client subscribed to the topic (1 to 128 bytes) at send time.
     Topic(String),
-    /// `{"all": true}`: every connected client.
+    /// `{"all": true}` (only `true`): every connected client.
     All(bool),
 }
 
@@ -46,9 +47,11 @@ pub enum PublishTarget {
 #[serde(deny_unknown_fields)]
 pub struct NotificationRequest {
     pub target: PublishTarget,
+    /// At most 256 bytes of UTF-8.
     #[serde(default)]
     #[schema(max_length = 256)]
     pub title: String,
+    /// At most 4,096 bytes of UTF-8.
     #[serde(default)]
     #[schema(max_length = 4096)]
     pub body: String,
@@ -66,7 +69,7 @@ pub struct NotificationRequest {
     pub send_at: Option<String>,
     /// A repeat of this key within 24 h returns the first id and sends nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 128)]
+    #[schema(min_length = 1, max_length = 128)]
     pub idempotency_key: Option<String>,
 }
 

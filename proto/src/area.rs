@@ -27,7 +27,14 @@ pub enum AreaError {
     TooManyVertices,
     #[error("polygon edges intersect (ring {ring} and ring {other}): it must be simple")]
     SelfIntersecting { ring: usize, other: usize },
+    #[error("polygon too complex to check: too many edges overlap each other's longitudes")]
+    TooComplex,
 }
+
+/// Most edge pairs compared to prove a polygon simple (a few ms). Real outlines compare a
+/// few per edge; only contrived shapes (every edge spanning every other's longitudes) get
+/// near it, and they are refused rather than costing seconds of CPU per request.
+pub const MAX_EDGE_COMPARISONS: usize = 2_000_000;
 
 /// A circle on the sphere: every point within `radius_m` great-circle metres of the center.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -44,11 +51,10 @@ pub struct Circle {
 
 /// A polygon in GeoJSON `Polygon` coordinates: `rings[0]` is the outer ring, the rest are
 /// holes; each position is `[lon, lat]`. Edges are straight in lon/lat, as GeoJSON says.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Polygon {
     /// Rings of `[lon, lat]` positions, each closed (last = first), at least 4 positions.
-    #[schema(value_type = Vec<Vec<Vec<f64>>>)]
     pub rings: Vec<Vec<[f64; 2]>>,
 }
 
@@ -59,6 +65,33 @@ pub enum Area {
     Circle(Circle),
     Polygon(Polygon),
 }
+
+/// The schema is written out because it is the bare GeoJSON coordinates array (the struct is
+/// `serde(transparent)`, which utoipa's derive does not follow).
+impl utoipa::PartialSchema for Polygon {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+        let position = ArrayBuilder::new()
+            .items(ObjectBuilder::new().schema_type(Type::Number))
+            .min_items(Some(2))
+            .max_items(Some(2))
+            .description(Some("[lon, lat]"));
+        let ring = ArrayBuilder::new()
+            .items(position)
+            .min_items(Some(4))
+            .description(Some("A closed ring: the last position equals the first"));
+        ArrayBuilder::new()
+            .items(ring)
+            .min_items(Some(1))
+            .description(Some(
+                "GeoJSON Polygon coordinates: the outer ring, then holes; at most 10,000 \
+                 positions in all; edges must not cross",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Polygon {}
 
 fn valid_lat_lon(lat: f64, lon: f64) -> bool {
     lat.is_finite()
@@ -102,8 +135,12 @@ impl Polygon {
                 }
             }
         }
-        if let Some((ring, other)) = first_crossing(&self.rings) {
-            return Err(AreaError::SelfIntersecting { ring, other });
+        match first_crossing(&self.rings, MAX_EDGE_COMPARISONS) {
+            Crossing::None => {}
+            Crossing::Found(ring, other) => {
+                return Err(AreaError::SelfIntersecting { ring, other });
+            }
+            Crossing::TooComplex => return Err(AreaError::TooComplex),
         }
         Ok(())
     }
@@ -151,11 +188,32 @@ fn segments_touch(e: &Edge, f: &Edge) -> bool {
         || (d4 == 0.0 && on_segment(f.a, f.b, e.b))
 }
 
+/// What the simplicity check found.
+#[derive(Debug, PartialEq, Eq)]
+enum Crossing {
+    None,
+    /// Two edges touch where they should not: rings of the pair.
+    Found(usize, usize),
+    /// More than the budget of comparisons would be needed.
+    TooComplex,
+}
+
 /// The rings of the first pair of edges that touch where they should not: edges of one ring
 /// that are not neighbours, or edges of two rings. A sweep over edges sorted by their west
 /// end compares only edges whose longitude ranges overlap, so ordinary polygons cost about
-/// n log n rather than n².
-fn first_crossing(rings: &[Vec<[f64; 2]>]) -> Option<(usize, usize)> {
+/// n log n rather than n²; at most `budget` pairs are compared.
+fn first_crossing(rings: &[Vec<[f64; 2]>], budget: usize) -> Crossing {
+    match first_crossing_within(rings, budget) {
+        Ok(Some((ring, other))) => Crossing::Found(ring, other),
+        Ok(None) => Crossing::None,
+        Err(()) => Crossing::TooComplex,
+    }
+}
+
+fn first_crossing_within(
+    rings: &[Vec<[f64; 2]>],
+    mut budget: usize,
+) -> Result<Option<(usize, usize)>, ()> {
     let mut edges: Vec<Edge> = Vec::new();
     let mut ring_edges = Vec::with_capacity(rings.len());
     for (ring, positions) in rings.iter().enumerate() {
@@ -175,7 +233,7 @@ fn first_crossing(rings: &[Vec<[f64; 2]>]) -> Option<(usize, usize)> {
     }
     // A ring whose distinct edges cannot enclose anything is degenerate.
     if let Some(ring) = ring_edges.iter().position(|&n| n < 3) {
-        return Some((ring, ring));
+        return Ok(Some((ring, ring)));
     }
     let neighbours = |e: &Edge, f: &Edge| {
         if e.ring != f.ring {
@@ -192,6 +250,7 @@ fn first_crossing(rings: &[Vec<[f64; 2]>]) -> Option<(usize, usize)> {
             if f.x_range().0 > east {
                 break;
             }
+            budget = budget.checked_sub(1).ok_or(())?;
             if neighbours(e, f) {
                 // Neighbours may not fold back onto each other.
                 let folded = orientation(e.a, e.b, if e.b == f.a { f.b } else { f.a }) == 0.0 && {
@@ -205,16 +264,16 @@ fn first_crossing(rings: &[Vec<[f64; 2]>]) -> Option<(usize, usize)> {
                         > 0.0
                 };
                 if folded && e.index != f.index {
-                    return Some((e.ring, f.ring));
+                    return Ok(Some((e.ring, f.ring)));
                 }
                 continue;
             }
             if segments_touch(e, f) {
-                return Some((e.ring.min(f.ring), e.ring.max(f.ring)));
+                return Ok(Some((e.ring.min(f.ring), e.ring.max(f.ring))));
             }
         }
     }
-    None
+    Ok(None)
 }
 
 impl Area {
@@ -341,6 +400,44 @@ mod tests {
             })
             .collect();
         assert_eq!(Polygon { rings: vec![gon] }.validate(), Ok(()));
+    }
+
+    /// A simple sawtooth whose every edge spans every other's longitudes: the sweep cannot
+    /// skip any pair, so the check stops at its budget instead of costing n² comparisons.
+    #[test]
+    fn contrived_polygons_stop_at_the_budget() {
+        let teeth = 4_990;
+        let lat = |i: usize| i as f64 * 0.001;
+        let mut ring = vec![[0.0, 0.0]];
+        for i in 0..teeth {
+            ring.push([10.0, lat(2 * i + 1)]);
+            ring.push([0.0, lat(2 * i + 2)]);
+        }
+        ring.push([-1.0, lat(2 * teeth)]);
+        ring.push([-1.0, 0.0]);
+        ring.push([0.0, 0.0]);
+        let rings = vec![ring];
+        assert_eq!(
+            first_crossing(&rings, MAX_EDGE_COMPARISONS),
+            Crossing::TooComplex
+        );
+        assert_eq!(
+            Polygon {
+                rings: rings.clone()
+            }
+            .validate(),
+            Err(AreaError::TooComplex)
+        );
+        // The same shape with a few teeth is simple and checked in full.
+        let small: Vec<[f64; 2]> = rings[0][..41]
+            .iter()
+            .copied()
+            .chain([[-1.0, lat(40)], [-1.0, 0.0], [0.0, 0.0]])
+            .collect();
+        assert_eq!(
+            first_crossing(&[small], MAX_EDGE_COMPARISONS),
+            Crossing::None
+        );
     }
 
     #[test]

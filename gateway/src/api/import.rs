@@ -407,7 +407,11 @@ pub(super) async fn import(
             Splitter::Sniffing(_) => {}
         }
     };
-    while let Some(frame) = body.frame().await {
+    let idle = config.body_timeout();
+    while let Some(frame) = tokio::time::timeout(idle, body.frame())
+        .await
+        .map_err(|_| super::body_timeout(idle))?
+    {
         let frame = frame.map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

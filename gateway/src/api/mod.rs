@@ -174,8 +174,10 @@ pub struct NearbyQuery {
     #[param(minimum = -180, maximum = 180)]
     pub lon: f64,
     /// Metres, > 0 and at most the configured maximum (default 100 km).
+    #[param(exclusive_minimum = 0, maximum = 100000)]
     pub radius_m: f64,
     /// At most the configured maximum (default 1,000); default 20.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -345,21 +347,22 @@ impl Api {
     /// The whole body, at most `api_max_body_bytes`.
     async fn body(&self, request: Request<Incoming>) -> Result<Bytes, ApiError> {
         let limit = self.config.api_max_body_bytes;
-        Limited::new(request.into_body(), limit)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!("the body exceeds {limit} bytes"),
-                    )
-                } else {
-                    ApiError::bad_request("bad_body", format!("reading the body failed: {e}"))
-                }
-            })
+        let timeout = self.config.body_timeout();
+        let collected =
+            tokio::time::timeout(timeout, Limited::new(request.into_body(), limit).collect())
+                .await
+                .map_err(|_| body_timeout(timeout))?;
+        collected.map(|b| b.to_bytes()).map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the body exceeds {limit} bytes"),
+                )
+            } else {
+                ApiError::bad_request("bad_body", format!("reading the body failed: {e}"))
+            }
+        })
     }
 
     async fn post_notification(
@@ -586,6 +589,15 @@ impl Api {
         *response.status_mut() = StatusCode::NO_CONTENT;
         Ok(response)
     }
+}
+
+/// 408: the client stopped sending the body it announced.
+pub(super) fn body_timeout(timeout: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        format!("no body bytes for {:.0} s", timeout.as_secs_f64()),
+    )
 }
 
 fn method_not_allowed(allowed: &'static str) -> ApiError {

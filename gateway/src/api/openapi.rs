@@ -22,6 +22,7 @@ use utoipa::{Modify, OpenApi};
         (status = 400, description = "Malformed JSON, unknown field or target, or an invalid value; nothing was sent", body = ErrorBody),
         (status = 401, description = "Missing or unknown credentials", body = ErrorBody),
         (status = 403, description = "The caller lacks the `publish` scope", body = ErrorBody),
+        (status = 408, description = "The body stopped arriving", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 503, description = "The bus is unavailable; retry with the same idempotency key", body = ErrorBody),
     ),
@@ -69,6 +70,7 @@ fn nearby_places() {}
     params(("id" = String, Path)),
     responses(
         (status = 200, description = "The place as a GeoJSON Feature", body = Object),
+        (status = 400, description = "A bad escape in the id", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     ),
     security(("bearer" = ["places"]))
@@ -101,6 +103,7 @@ fn put_place() {}
     params(("id" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "A bad escape in the id", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     ),
     security(("bearer" = ["places"]))
@@ -113,7 +116,13 @@ fn delete_place() {}
     post,
     path = "/v1/places:import",
     tag = "places",
-    request_body(content = String, description = "A GeoJSON FeatureCollection (application/geo+json) or NDJSON of Features (application/x-ndjson), streamed; any size"),
+    request_body(
+        description = "A GeoJSON FeatureCollection or NDJSON of Features (one per line), streamed; any size",
+        content(
+            (String = "application/x-ndjson"),
+            (String = "application/geo+json"),
+        )
+    ),
     responses(
         (status = 200, description = "What was imported and which rows were refused, with reasons", body = ImportReport),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
