@@ -192,3 +192,64 @@ pub async fn upgrade_request(
 ) -> anyhow::Result<HttpResponse> {
     send(addr, &upgrade_head(addr, path_and_query, bearer)).await
 }
+
+/// A request with any method, extra headers and a body (`Content-Length` is set, and
+/// `Connection: close`): the backend API's JSON calls and streamed imports.
+///
+/// The body is written while the socket is watched for an answer, so a server that answers
+/// before reading everything (a 413) is heard rather than failing the write. The answer may
+/// take up to `within` to begin (an import answers once the whole file is stored); after
+/// that, each read has the usual [`READ_TIMEOUT`].
+pub async fn request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    within: std::time::Duration,
+) -> anyhow::Result<HttpResponse> {
+    let mut stream = timeout(READ_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .context("timed out connecting")?
+        .with_context(|| format!("connecting to {addr}"))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut message = head.into_bytes();
+    message.extend_from_slice(body);
+    let write = async {
+        let mut written = 0;
+        while written < message.len() {
+            tokio::select! {
+                ready = stream.writable() => {
+                    ready.context("waiting to write the request")?;
+                    match stream.try_write(&message[written..]) {
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // The server closed its side: read what it answered.
+                        Err(_) => break,
+                    }
+                }
+                ready = stream.readable() => {
+                    ready.context("waiting for the answer")?;
+                    // It answered before the whole body was sent.
+                    break;
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    timeout(within, write)
+        .await
+        .with_context(|| format!("timed out after {within:?} writing {method} {path}"))??;
+    timeout(within, stream.readable())
+        .await
+        .with_context(|| format!("no answer to {method} {path} within {within:?}"))?
+        .context("waiting for the answer")?;
+    Ok(read_response(&mut stream).await?.0)
+}

@@ -28,11 +28,13 @@ pub mod raw;
 pub mod redis;
 pub mod tokens;
 pub mod wait;
+pub mod worker;
 
 pub use client::{WsClient, WsEvent};
 pub use gateway::{TestGateway, redis_config, test_config};
 pub use process::GatewayProcess;
 pub use raw::RawWsClient;
+pub use worker::{ApiClient, TestWorker};
 
 use std::time::Duration;
 
