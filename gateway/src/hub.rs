@@ -401,7 +401,8 @@ impl Hub {
     }
 
     /// Deliver a user notification with its inbox cursor to every session of the user;
-    /// sessions that already have the cursor skip it, sessions replaying hold it.
+    /// sessions that already have the cursor skip it, sessions replaying hold it. Returns
+    /// the sessions it was queued to now.
     pub fn deliver_user(&self, user: &str, cursor: Cursor, id: &str, json: Bytes) -> usize {
         let since = Some(Instant::now());
         let registry = self.read();
@@ -412,7 +413,9 @@ impl Hub {
                     entry
                         .outbound
                         .offer_user(cursor, id, json.clone(), since, &self.metrics);
-                if matches!(pushed, Pushed::Queued | Pushed::Held) {
+                // A held one is counted when the replay's end queues it (unless the replay
+                // delivered it already).
+                if pushed == Pushed::Queued {
                     queued += 1;
                 }
             }

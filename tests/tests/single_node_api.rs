@@ -266,7 +266,7 @@ async fn a_place_written_with_put_is_found_nearby() -> anyhow::Result<()> {
 /// held copy is dropped as a duplicate. The client gets it once, and the status must say
 /// so: `delivered` 1.
 ///
-/// Fails today with `delivered` 2: `Hub::deliver_user` (gateway/src/hub.rs) counts a held
+/// Failed before the fix with `delivered` 2: `Hub::deliver_user` (gateway/src/hub.rs) counts a held
 /// offer (`Pushed::Held`) as queued at once, and `Outbound::end_replay`
 /// (gateway/src/session/outbound.rs) later drops that copy without taking the count back.
 /// The same happens with Redis whenever a notification is published between a new

@@ -238,10 +238,10 @@ async fn wait_client_channels(fleet: &Fleet, clients: &[Client]) -> anyhow::Resu
 
 /// [`wait_client_channels`], then a warm-up user notification that every client must
 /// receive, so that each device's connect replay has (almost certainly) finished before the
-/// notification under test is published. A live user notification that arrives while its
-/// session replays the inbox is counted as delivered twice (a product bug shown
-/// deterministically by `single_node_api::a_notification_held_during_a_replay_is_counted_once`);
-/// without the warm-up, exact `delivered` counts here would fail at random.
+/// notification under test is published. (A live user notification that arrived while its
+/// session replayed the inbox used to be counted as delivered twice; that is fixed and shown
+/// by `single_node_api::a_notification_held_during_a_replay_is_counted_once`; the warm-up
+/// keeps these tests about targeting rather than that race.)
 async fn ready(stack: &Stack, clients: &mut [Client]) -> anyhow::Result<()> {
     wait_client_channels(&stack.fleet, clients).await?;
     let id = stack
@@ -1610,7 +1610,7 @@ async fn probes_and_publish_metrics() -> anyhow::Result<()> {
 /// Two targets in one request is valid JSON of the wrong shape: `invalid_request`, as
 /// docs/api.md lists it ("two targets"), whichever target comes first.
 ///
-/// Fails today: serde_json reports the second key of the externally tagged `PublishTarget`
+/// Failed before the fix (the API now tells shape errors from syntax errors by the body): serde_json reports the second key of the externally tagged `PublishTarget`
 /// as a syntax error ("expected value at line 1 column 22"), and `json_error`
 /// (gateway/src/api/mod.rs) maps every syntax error to `invalid_json`, "the body is not
 /// JSON", although it is.
@@ -1646,7 +1646,7 @@ async fn two_targets_are_an_invalid_request_not_invalid_json() -> anyhow::Result
 /// `MAXLEN ~ PLACES_LOG_LEN`), but in one MULTI, so no follower reads in between and the
 /// oldest ~15,000 log entries are trimmed before any of them reads again.
 ///
-/// Fails today on Redis 7.0 (what this machine runs): trimming (`XADD MAXLEN`, `XTRIM`)
+/// Failed before the fix (the follower now counts entries) on Redis 7.0 (what this machine runs): trimming (`XADD MAXLEN`, `XTRIM`)
 /// does not move the stream's `max-deleted-entry-id` before Redis 7.2 (redis/redis#11188),
 /// which is all `trimmed_past` (gateway/src/bus/places_sync.rs) looks at, so each follower
 /// skips the trimmed entries silently and keeps ~10,000 of the 25,000 places for good. The

@@ -125,11 +125,15 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body
     response
 }
 
-/// A serde error as a 400: bad JSON syntax, or JSON of the wrong shape.
-fn json_error(e: &serde_json::Error) -> ApiError {
+/// A serde error as a 400: bad JSON syntax, or JSON of the wrong shape. `body` tells the two
+/// apart (serde reports some shape errors, like a second `target` key, as syntax).
+fn json_error(e: &serde_json::Error, body: &[u8]) -> ApiError {
     let message = e.to_string();
+    let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
     let code = match e.classify() {
-        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "invalid_json",
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof if !is_json => {
+            "invalid_json"
+        }
         _ if message.starts_with("unknown field") => "unknown_field",
         _ if message.starts_with("unknown variant") => "unknown_target",
         _ => "invalid_request",
@@ -372,7 +376,7 @@ impl Api {
         self.authorize(&request, Scope::Publish)?;
         let body = self.body(request).await?;
         let notification: geopush_proto::api::NotificationRequest =
-            serde_json::from_slice(&body).map_err(|e| json_error(&e))?;
+            serde_json::from_slice(&body).map_err(|e| json_error(&e, &body))?;
         let kind = target_kind(&notification.target);
         let published = self
             .publisher
@@ -529,7 +533,7 @@ impl Api {
     ) -> Result<Response<Body>, ApiError> {
         let body = self.body(request).await?;
         let mut value: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| json_error(&e))?;
+            serde_json::from_slice(&body).map_err(|e| json_error(&e, &body))?;
         let Some(object) = value.as_object_mut() else {
             return Err(ApiError::bad_request(
                 "invalid_place",

@@ -4,7 +4,8 @@
 //! The store writes the `gp:{places}` hash (id → GeoJSON Feature) and appends each change to
 //! the capped `gp:{places}:log` stream (one hash tag: one slot on a cluster). A node loads the hash at start, then follows the log
 //! with a blocking `XREAD` on a connection of its own. If the log was trimmed past the last
-//! entry the node applied (the stream's `max-deleted-entry-id` says so), or Redis went away,
+//! entry the node applied (the stream's counts say so: `entries-added - length` passed the
+//! entries the node has seen; `max-deleted-entry-id` is not kept by Redis before 7.2), or Redis went away,
 //! the node reloads the whole hash: a node can fall behind but never diverges.
 
 use super::BusError;
@@ -152,50 +153,39 @@ impl PlacesStore {
     }
 }
 
-/// The id of the newest log entry, or `0-0`.
-async fn log_head(conn: &mut Conn, keys: &Keys) -> Result<Cursor, BusError> {
-    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XREVRANGE")
-        .arg(keys.places_log())
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await
-        .map_err(unavailable)?;
-    Ok(entries
-        .first()
-        .and_then(|(id, _)| Cursor::parse(id))
-        .unwrap_or(Cursor { ms: 0, seq: 0 }))
+/// Where the log stands, read in one `XINFO STREAM` (so the fields agree).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LogInfo {
+    /// The newest entry's id (`0-0` without a log).
+    last: Cursor,
+    /// Entries ever added.
+    added: u64,
+    /// Entries kept.
+    length: u64,
 }
 
-/// Every place in the hash; rows that no longer parse are skipped with a warning.
-async fn load_snapshot(conn: &mut Conn, keys: &Keys) -> Result<Vec<Place>, BusError> {
-    let all: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(keys.places())
-        .query_async(conn)
-        .await
-        .map_err(unavailable)?;
-    let mut places = Vec::with_capacity(all.len());
-    for (id, feature) in all {
-        match Place::from_feature_json(&feature) {
-            Ok(place) => places.push(place),
-            Err(e) => warn!(id, error = %e, "stored place does not parse; skipped"),
-        }
+impl LogInfo {
+    /// Whether the entry after the `seen`-th ever added was trimmed away: the oldest kept
+    /// entry is the `(added - length + 1)`-th. (Redis before 7.2 does not move
+    /// `max-deleted-entry-id` when it trims, so the counts are what can be trusted.)
+    fn trimmed_after(&self, seen: u64) -> bool {
+        self.added.saturating_sub(self.length) > seen
     }
-    Ok(places)
 }
 
-/// Whether entries after `applied` were trimmed away before we read them.
-async fn trimmed_past(conn: &mut Conn, keys: &Keys, applied: Cursor) -> Result<bool, BusError> {
+async fn log_info(conn: &mut Conn, keys: &Keys) -> Result<LogInfo, BusError> {
     let exists: bool = redis::cmd("EXISTS")
         .arg(keys.places_log())
         .query_async(conn)
         .await
         .map_err(unavailable)?;
     if !exists {
-        // No log yet (no place was ever written): nothing can have been trimmed.
-        return Ok(false);
+        // No log yet (no place was ever written).
+        return Ok(LogInfo {
+            last: Cursor { ms: 0, seq: 0 },
+            added: 0,
+            length: 0,
+        });
     }
     let info: Value = redis::cmd("XINFO")
         .arg("STREAM")
@@ -217,14 +207,49 @@ async fn trimmed_past(conn: &mut Conn, keys: &Keys, applied: Cursor) -> Result<b
                 ))
             })
             .collect(),
-        _ => return Ok(false),
+        other => {
+            return Err(BusError::Protocol(format!(
+                "XINFO STREAM answered {other:?}"
+            )));
+        }
     };
-    let max_deleted = pairs
-        .iter()
-        .find(|(k, _)| k == "max-deleted-entry-id")
-        .and_then(|(_, v)| redis::from_redis_value::<String>(v.clone()).ok())
-        .and_then(|id| Cursor::parse(&id));
-    Ok(max_deleted.is_some_and(|deleted| deleted > applied))
+    let field = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let number = |name: &str| {
+        field(name)
+            .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+            .ok_or_else(|| BusError::Protocol(format!("XINFO STREAM without {name}")))
+    };
+    let last = field("last-generated-id")
+        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+        .and_then(|id| Cursor::parse(&id))
+        .unwrap_or(Cursor { ms: 0, seq: 0 });
+    Ok(LogInfo {
+        last,
+        added: number("entries-added")?,
+        length: number("length")?,
+    })
+}
+
+/// Every place in the hash; rows that no longer parse are skipped with a warning.
+async fn load_snapshot(conn: &mut Conn, keys: &Keys) -> Result<Vec<Place>, BusError> {
+    let all: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.places())
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    let mut places = Vec::with_capacity(all.len());
+    for (id, feature) in all {
+        match Place::from_feature_json(&feature) {
+            Ok(place) => places.push(place),
+            Err(e) => warn!(id, error = %e, "stored place does not parse; skipped"),
+        }
+    }
+    Ok(places)
 }
 
 /// Whoever keeps a places replica in sync with the store: a gateway node, the worker.
@@ -255,11 +280,11 @@ pub async fn run_places_sync<F: PlacesFollower>(
     'reload: loop {
         // Read the log head before the hash: changes after it are replayed from the log.
         let snapshot = async {
-            let head = log_head(&mut conn, &keys).await?;
+            let head = log_info(&mut conn, &keys).await?;
             let places = load_snapshot(&mut conn, &keys).await?;
             Ok::<_, BusError>((head, places))
         };
-        let (mut applied, places) = tokio::select! {
+        let (head, places) = tokio::select! {
             result = snapshot => match result {
                 Ok(loaded) => loaded,
                 Err(e) => {
@@ -278,6 +303,9 @@ pub async fn run_places_sync<F: PlacesFollower>(
         info!(places = places.len(), "places snapshot loaded");
         node.replica().replace(places);
         node.changed();
+        // The last entry applied, and how many entries were ever added up to it.
+        let mut applied = head.last;
+        let mut seen = head.added;
         loop {
             let mut command = redis::cmd("XREAD");
             command
@@ -305,8 +333,10 @@ pub async fn run_places_sync<F: PlacesFollower>(
             let mut upserts = Vec::new();
             let mut deletes = Vec::new();
             let mut last = applied;
+            let mut read = 0;
             for (_, entries) in streams {
                 for (id, fields) in entries {
+                    read += 1;
                     if let Some(cursor) = Cursor::parse(&id) {
                         last = last.max(cursor);
                     }
@@ -329,7 +359,12 @@ pub async fn run_places_sync<F: PlacesFollower>(
                     }
                 }
             }
-            match trimmed_past(&mut conn, &keys, applied).await {
+            // Was the entry after `applied` trimmed before we read it? (Checked after the
+            // read: a trim since then is a harmless false alarm, a reload.)
+            match log_info(&mut conn, &keys)
+                .await
+                .map(|info| info.trimmed_after(seen))
+            {
                 Ok(true) => {
                     warn!("places log trimmed past this node's position; reloading the snapshot");
                     continue 'reload;
@@ -348,6 +383,7 @@ pub async fn run_places_sync<F: PlacesFollower>(
                 node.changed();
             }
             applied = last;
+            seen += read;
         }
     }
 }

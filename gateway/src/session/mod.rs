@@ -427,7 +427,24 @@ pub(crate) async fn replay(
             }
         }
     }
-    outbound.end_replay(generation, &node.metrics);
+    // Live notifications held meanwhile were not counted when they arrived: count those
+    // the replay had not already delivered.
+    let delivered = Counts {
+        delivered: 1,
+        ..Counts::default()
+    };
+    let queued = outbound.end_replay(generation, &node.metrics);
+    if !queued.is_empty() {
+        node.metrics
+            .deliveries
+            .get_or_create(&crate::metrics::KindLabel {
+                kind: "notification",
+            })
+            .inc_by(queued.len() as u64);
+    }
+    for id in queued {
+        node.status.count(&id, delivered);
+    }
 }
 
 /// Longest a replay waits for its user's channel subscription before reading the inbox.

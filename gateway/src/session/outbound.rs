@@ -317,24 +317,29 @@ impl Outbound {
         }
     }
 
-    /// End a replay: queue what was held meanwhile (in cursor order, skipping duplicates).
-    pub fn end_replay(&self, generation: u64, metrics: &Metrics) {
+    /// End a replay: queue what was held meanwhile (in cursor order, skipping duplicates —
+    /// the replay usually delivered them already). Returns the ids it queued.
+    pub fn end_replay(&self, generation: u64, metrics: &Metrics) -> Vec<Box<str>> {
         let mut queue = self.lock();
         let capacity = self.0.capacity;
         let Some(feed) = queue.feed.as_mut() else {
-            return;
+            return Vec::new();
         };
         if feed.replaying != Some(generation) {
-            return;
+            return Vec::new();
         }
         feed.replaying = None;
         let mut held = std::mem::take(&mut feed.held);
         held.sort_by_key(|(cursor, _, _)| *cursor);
+        let mut queued = Vec::new();
         for (cursor, id, json) in held {
-            queue.push_user(cursor, &id, json, None, capacity, metrics);
+            if queue.push_user(cursor, &id, json, None, capacity, metrics) == Pushed::Queued {
+                queued.push(id);
+            }
         }
         drop(queue);
         self.0.wake.notify_one();
+        queued
     }
 
     /// Mark notifications acked; the new stored cursor when the acked prefix grew. `matched`
