@@ -330,99 +330,114 @@ impl Publisher {
             send_at_ms,
             expires_ms: stored.expires_ms,
         };
-        // Recorded before anything is sent, so no gateway counts ahead of the record.
-        self.status.record(&id, &record, now_ms).await?;
-        let queued = match &*self.route {
-            Route::Local(node) => {
-                if users.is_empty() {
-                    let reach = node.hub.deliver_reach(&target, live_frame, "notification");
-                    self.status.count(&id, reach.into());
-                    reach.queued
-                } else {
-                    let Bus::Memory(bus) = &node.bus else {
-                        return Err(crate::bus::BusError::Unavailable(
-                            "local publisher without a memory bus".into(),
-                        )
-                        .into());
+        let send = async {
+            Ok::<usize, PublishError>(match &*self.route {
+                Route::Local(node) => {
+                    if users.is_empty() {
+                        let reach = node.hub.deliver_reach(&target, live_frame, "notification");
+                        self.status.count(&id, reach.into());
+                        reach.queued
+                    } else {
+                        let Bus::Memory(bus) = &node.bus else {
+                            return Err(crate::bus::BusError::Unavailable(
+                                "local publisher without a memory bus".into(),
+                            )
+                            .into());
+                        };
+                        let mut queued = 0;
+                        for user in users {
+                            let cursor = bus.append(user, stored.clone(), now_ms);
+                            let entry = StoredNotification {
+                                cursor,
+                                ..stored.clone()
+                            };
+                            queued += node.hub.deliver_user(user, cursor, &id, entry.frame());
+                        }
+                        self.status.count(
+                            &id,
+                            crate::status::Counts {
+                                delivered: queued as u64,
+                                ..Default::default()
+                            },
+                        );
+                        queued
+                    }
+                }
+                Route::Redis {
+                    conn,
+                    keys,
+                    inbox_len,
+                    ..
+                } => {
+                    let mut conn = conn.clone();
+                    let header = |cursor: Option<Cursor>, area: Option<Area>| EnvelopeHeader {
+                        id: id.clone(),
+                        cursor: cursor.map(|c| c.to_string()),
+                        published_ms: now_ms,
+                        area,
                     };
-                    let mut queued = 0;
+                    let ttl_ms = (request.ttl_s as i64).saturating_mul(1000);
+                    let mut published = 0;
                     for user in users {
-                        let cursor = bus.append(user, stored.clone(), now_ms);
+                        let cursor = redis_bus::append_inbox(
+                            &mut conn, keys, user, &stored, ttl_ms, *inbox_len,
+                        )
+                        .await?;
                         let entry = StoredNotification {
                             cursor,
                             ..stored.clone()
                         };
-                        queued += node.hub.deliver_user(user, cursor, &id, entry.frame());
+                        let message = encode_envelope(&header(Some(cursor), None), &entry.frame());
+                        redis_bus::publish(&mut conn, &keys.user_channel(user), &message).await?;
+                        published += 1;
                     }
-                    self.status.count(
-                        &id,
-                        crate::status::Counts {
-                            delivered: queued as u64,
-                            ..Default::default()
-                        },
-                    );
-                    queued
-                }
-            }
-            Route::Redis {
-                conn,
-                keys,
-                inbox_len,
-                ..
-            } => {
-                let mut conn = conn.clone();
-                let header = |cursor: Option<Cursor>, area: Option<Area>| EnvelopeHeader {
-                    id: id.clone(),
-                    cursor: cursor.map(|c| c.to_string()),
-                    published_ms: now_ms,
-                    area,
-                };
-                let ttl_ms = (request.ttl_s as i64).saturating_mul(1000);
-                let mut published = 0;
-                for user in users {
-                    let cursor =
-                        redis_bus::append_inbox(&mut conn, keys, user, &stored, ttl_ms, *inbox_len)
-                            .await?;
-                    let entry = StoredNotification {
-                        cursor,
-                        ..stored.clone()
-                    };
-                    let message = encode_envelope(&header(Some(cursor), None), &entry.frame());
-                    redis_bus::publish(&mut conn, &keys.user_channel(user), &message).await?;
-                    published += 1;
-                }
-                if users.is_empty() {
-                    let frame = live_frame;
-                    let messages: Vec<(String, Vec<u8>)> = match &target {
-                        Target::Topic(topic) => vec![(
-                            keys.topic_channel(topic),
-                            encode_envelope(&header(None, None), &frame),
-                        )],
-                        Target::Area(area) => match cells_for_area(area) {
-                            Some(cells) => {
-                                let message =
-                                    encode_envelope(&header(None, Some(area.clone())), &frame);
-                                cells
-                                    .iter()
-                                    .map(|cell| (keys.cell_channel(cell), message.clone()))
-                                    .collect()
-                            }
-                            None => vec![(
-                                keys.all_channel(),
-                                encode_envelope(&header(None, Some(area.clone())), &frame),
+                    if users.is_empty() {
+                        let frame = live_frame;
+                        let messages: Vec<(String, Vec<u8>)> = match &target {
+                            Target::Topic(topic) => vec![(
+                                keys.topic_channel(topic),
+                                encode_envelope(&header(None, None), &frame),
                             )],
-                        },
-                        _ => vec![(
-                            keys.all_channel(),
-                            encode_envelope(&header(None, None), &frame),
-                        )],
-                    };
-                    for (channel, message) in &messages {
-                        redis_bus::publish(&mut conn, channel, message).await?;
+                            Target::Area(area) => match cells_for_area(area) {
+                                Some(cells) => {
+                                    let message =
+                                        encode_envelope(&header(None, Some(area.clone())), &frame);
+                                    cells
+                                        .iter()
+                                        .map(|cell| (keys.cell_channel(cell), message.clone()))
+                                        .collect()
+                                }
+                                None => vec![(
+                                    keys.all_channel(),
+                                    encode_envelope(&header(None, Some(area.clone())), &frame),
+                                )],
+                            },
+                            _ => vec![(
+                                keys.all_channel(),
+                                encode_envelope(&header(None, None), &frame),
+                            )],
+                        };
+                        for (channel, message) in &messages {
+                            redis_bus::publish(&mut conn, channel, message).await?;
+                        }
+                        published += messages.len();
                     }
-                    published += messages.len();
+                    published
                 }
-                published
+            })
+        };
+        // In memory, counts of an unrecorded notification are dropped: record first. With
+        // Redis the record and the counters meet in one hash whatever the order, so the
+        // record travels beside the first send rather than costing a round trip before it.
+        let queued = match &*self.route {
+            Route::Local(_) => {
+                self.status.record(&id, &record, now_ms).await?;
+                send.await?
+            }
+            Route::Redis { .. } => {
+                let (recorded, sent) = tokio::join!(self.status.record(&id, &record, now_ms), send);
+                recorded?;
+                sent?
             }
         };
         Ok(Published {
