@@ -20,6 +20,7 @@ use geopush_proto::bus::{
     CELL_LEVELS, Cursor, EnvelopeHeader, Keys, MAX_CELLS_PER_PUBLISH, encode_envelope, geohash,
     notification_id,
 };
+use geopush_proto::frames::ServerFrame;
 use geopush_proto::place::{Place, PlaceFence};
 use geopush_proto::{Area, Circle, EARTH_RADIUS_M};
 use std::sync::Arc;
@@ -149,6 +150,27 @@ fn area_box(area: &Area) -> (f64, f64, f64, f64) {
             (a, b, c, d)
         }
     }
+}
+
+/// The message of a user notification with [`redis_bus::CURSOR_PLACEHOLDER`] where the
+/// inbox cursor goes: in the header and in the frame, ahead of any publisher text (the
+/// script replaces only the first two occurrences).
+fn user_template(header: &EnvelopeHeader, stored: &StoredNotification) -> Vec<u8> {
+    let placeholder = redis_bus::CURSOR_PLACEHOLDER;
+    let frame = ServerFrame::Notification {
+        id: &stored.id,
+        cursor: Some(placeholder),
+        title: &stored.title,
+        body: &stored.body,
+        data: stored.data.as_deref(),
+        ts: stored.ts,
+    }
+    .to_json();
+    let header = EnvelopeHeader {
+        cursor: Some(placeholder.to_owned()),
+        ..header.clone()
+    };
+    encode_envelope(&header, &frame)
 }
 
 /// The cells to publish an area on: the finest level whose covering is small, or `None`
@@ -378,18 +400,16 @@ impl Publisher {
                     };
                     let ttl_ms = (request.ttl_s as i64).saturating_mul(1000);
                     let mut published = 0;
-                    for user in users {
-                        let cursor = redis_bus::append_inbox(
-                            &mut conn, keys, user, &stored, ttl_ms, *inbox_len,
-                        )
-                        .await?;
-                        let entry = StoredNotification {
-                            cursor,
-                            ..stored.clone()
-                        };
-                        let message = encode_envelope(&header(Some(cursor), None), &entry.frame());
-                        redis_bus::publish(&mut conn, &keys.user_channel(user), &message).await?;
-                        published += 1;
+                    if !users.is_empty() {
+                        // One template for every user: the script puts each inbox cursor in.
+                        let template = user_template(&header(None, None), &stored);
+                        for user in users {
+                            redis_bus::append_and_publish(
+                                &mut conn, keys, user, &stored, ttl_ms, *inbox_len, &template,
+                            )
+                            .await?;
+                            published += 1;
+                        }
                     }
                     if users.is_empty() {
                         let frame = live_frame;
@@ -550,6 +570,37 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cursor_placeholders_come_before_publisher_text() {
+        let placeholder = redis_bus::CURSOR_PLACEHOLDER;
+        let stored = StoredNotification {
+            cursor: Cursor { ms: 0, seq: 0 },
+            id: notification_id(1, 2),
+            title: format!("tricky {placeholder}"),
+            body: placeholder.to_owned(),
+            data: None,
+            ts: 5,
+            expires_ms: 10,
+        };
+        let header = EnvelopeHeader {
+            id: stored.id.clone(),
+            cursor: None,
+            published_ms: 5,
+            area: None,
+        };
+        // What the script does: replace the first two occurrences.
+        let message = String::from_utf8(user_template(&header, &stored))
+            .expect("utf-8")
+            .replacen(placeholder, "7-1", 2);
+        let (header, frame) =
+            geopush_proto::bus::decode_envelope(message.as_bytes()).expect("envelope");
+        assert_eq!(header.cursor.as_deref(), Some("7-1"));
+        let frame: serde_json::Value = serde_json::from_slice(frame).expect("frame");
+        assert_eq!(frame["cursor"], "7-1");
+        assert_eq!(frame["title"], format!("tricky {placeholder}"));
+        assert_eq!(frame["body"], placeholder);
+    }
 
     #[test]
     fn small_areas_use_fine_cells_and_huge_ones_broadcast() {

@@ -484,6 +484,72 @@ pub mod field {
     pub const EXPIRES: &str = "exp";
 }
 
+/// Where the cursor goes in a message template of [`append_and_publish`]. The header's
+/// cursor and the frame's come first in the message (before any publisher text), and only
+/// the first two occurrences are replaced.
+pub const CURSOR_PLACEHOLDER: &str = "@@GEOPUSHCURSOR@@";
+
+/// Appends to the inbox and publishes the message with its cursor, in one step: `KEYS[1]`
+/// the inbox, `KEYS[2]` the user's channel (same hash tag); `ARGV[1]` the cap, `ARGV[2]` the
+/// TTL in ms, `ARGV[3]` `PUBLISH` or `SPUBLISH`, `ARGV[4]` the message template, then the
+/// entry's field/value pairs. Redis runs scripts one at a time, so a user's messages are
+/// published in their inbox order — two publishers racing for one user cannot make a
+/// gateway see a later cursor first (it would skip the earlier one as already delivered).
+const APPEND_PUBLISH_SCRIPT: &str = r"
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
+redis.call('PEXPIRE', KEYS[1], ARGV[2], 'NX')
+redis.call('PEXPIRE', KEYS[1], ARGV[2], 'GT')
+local message = string.gsub(ARGV[4], '@@GEOPUSHCURSOR@@', id, 2)
+redis.call(ARGV[3], KEYS[2], message)
+return id
+";
+
+static APPEND_PUBLISH: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(APPEND_PUBLISH_SCRIPT));
+
+/// Append a notification to a user's inbox and publish `template` (a message with
+/// [`CURSOR_PLACEHOLDER`] where the cursor goes) on the user's channel, atomically and in
+/// one round trip; returns the cursor.
+pub async fn append_and_publish(
+    conn: &mut Conn,
+    keys: &Keys,
+    user: &str,
+    entry: &StoredNotification,
+    ttl_ms: i64,
+    inbox_len: usize,
+    template: &[u8],
+) -> Result<Cursor, BusError> {
+    let publish = if matches!(conn, Conn::Cluster(_)) {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    };
+    let mut invocation = APPEND_PUBLISH.key(keys.inbox(user));
+    invocation
+        .key(keys.user_channel(user))
+        .arg(inbox_len)
+        .arg(ttl_ms)
+        .arg(publish)
+        .arg(template)
+        .arg(field::ID)
+        .arg(&entry.id)
+        .arg(field::TITLE)
+        .arg(&entry.title)
+        .arg(field::BODY)
+        .arg(&entry.body)
+        .arg(field::TS)
+        .arg(entry.ts)
+        .arg(field::EXPIRES)
+        .arg(entry.expires_ms);
+    if let Some(data) = &entry.data {
+        invocation.arg(field::DATA).arg(data.get());
+    }
+    let id: String = invocation.invoke_async(conn).await.map_err(unavailable)?;
+    Cursor::parse(&id).ok_or_else(|| BusError::Protocol(format!("XADD returned {id:?}")))
+}
+
 /// Append a notification to a user's inbox (capped, with the key's TTL extended to cover
 /// it); returns its cursor.
 pub async fn append_inbox(
