@@ -207,6 +207,11 @@ impl NotifyArgs {
         if !self.gateway_pid.is_empty() && self.gateway_pid.len() != self.url.len() {
             bail!("--gateway-pid needs one PID per --url, in the same order");
         }
+        if let Some(url) = &self.worker_url
+            && !url.starts_with("http://")
+        {
+            bail!("--worker-url {url:?} must start with http://");
+        }
         Ok(())
     }
 }
@@ -1170,6 +1175,19 @@ pub async fn run(args: NotifyArgs) -> anyhow::Result<NotifyReport> {
     let mut targets = Vec::new();
     for url in &args.url {
         targets.push(resolve(url).await?);
+    }
+    if let Some(url) = &args.worker_url {
+        // Fail now, not after connecting every client.
+        let health = format!("{}/healthz", url.trim_end_matches('/'));
+        let answer = reqwest::Client::new()
+            .get(&health)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the worker at {health}"))?;
+        if !answer.status().is_success() {
+            bail!("the worker at {health} answered {}", answer.status());
+        }
     }
     let mut admin = RedisAdmin::connect(&args.redis_url).await?;
     let redis_pid = admin.pid().await;
