@@ -15,6 +15,7 @@ mod http;
 pub mod hub;
 pub mod metrics;
 mod node;
+pub mod process;
 pub mod publish;
 pub mod schedule;
 pub mod session;

@@ -2,10 +2,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use geopush_gateway::config::{Config, DEV_JWT_SECRET, LogFormat};
+use geopush_gateway::config::{Config, DEV_JWT_SECRET};
+use geopush_gateway::process::{init_logging, shutdown_signal};
 use geopush_gateway::{Gateway, auth};
-use std::io::IsTerminal;
-use tracing_subscriber::EnvFilter;
 
 // jemalloc returns freed memory to the system and fragments less under the churn of many
 // small per-connection allocations: measured ~40% less RSS per connection than glibc's
@@ -42,39 +41,6 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("GEOPUSH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Pretty => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop the gateway");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
-    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -2,19 +2,11 @@
 //! printed with secrets redacted. The token keys and API limits are the gateway's groups,
 //! so both processes read the same variables the same way.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
+pub use geopush_gateway::config::LogFormat;
 use geopush_gateway::config::{ApiConfig, ConfigError, Secret, TokenKeys};
 use std::net::SocketAddr;
 use std::time::Duration;
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// JSON when stderr is not a terminal, pretty otherwise.
-    Auto,
-    Json,
-    Pretty,
-}
 
 /// Everything `geopush-worker serve` can be told.
 #[derive(Clone, Debug, Args)]

@@ -6,13 +6,11 @@ use clap::{Parser, Subcommand};
 use geopush_gateway::api::keys::hash_key;
 use geopush_gateway::bus::places_sync::PlacesStore;
 use geopush_gateway::bus::redis::RedisTarget;
+use geopush_gateway::process::{init_logging, shutdown_signal};
 use geopush_gateway::publish::Publisher;
 use geopush_proto::api::{NotificationRequest, PublishTarget};
-use geopush_worker::config::LogFormat;
 use geopush_worker::{Worker, WorkerConfig};
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -63,39 +61,6 @@ enum Command {
         #[arg(long, default_value = "If you can read this, delivery works.")]
         body: String,
     },
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("GEOPUSH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Pretty => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop the worker");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
-    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -550,44 +550,6 @@ pub async fn append_and_publish(
     Cursor::parse(&id).ok_or_else(|| BusError::Protocol(format!("XADD returned {id:?}")))
 }
 
-/// Append a notification to a user's inbox (capped, with the key's TTL extended to cover
-/// it); returns its cursor.
-pub async fn append_inbox(
-    conn: &mut Conn,
-    keys: &Keys,
-    user: &str,
-    entry: &StoredNotification,
-    ttl_ms: i64,
-    inbox_len: usize,
-) -> Result<Cursor, BusError> {
-    let key = keys.inbox(user);
-    let mut pipe = redis::pipe();
-    pipe.cmd("XADD")
-        .arg(&key)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(inbox_len)
-        .arg("*")
-        .arg(field::ID)
-        .arg(&entry.id)
-        .arg(field::TITLE)
-        .arg(&entry.title)
-        .arg(field::BODY)
-        .arg(&entry.body)
-        .arg(field::TS)
-        .arg(entry.ts)
-        .arg(field::EXPIRES)
-        .arg(entry.expires_ms);
-    if let Some(data) = &entry.data {
-        pipe.arg(field::DATA).arg(data.get());
-    }
-    // NX sets a TTL on a key without one; GT only ever extends it.
-    pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("NX").ignore();
-    pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("GT").ignore();
-    let (id,): (String,) = pipe.query_async(conn).await.map_err(unavailable)?;
-    Cursor::parse(&id).ok_or_else(|| BusError::Protocol(format!("XADD returned {id:?}")))
-}
-
 /// Inbox entries after a cursor, oldest first, expired ones skipped.
 pub async fn inbox_after(
     conn: &mut Conn,
