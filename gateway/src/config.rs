@@ -383,7 +383,8 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-fn positive_seconds(field: &'static str, value: f64) -> Result<Duration, ConfigError> {
+/// A positive, finite number of seconds as a `Duration`, or the error naming `field`.
+pub fn positive_seconds(field: &'static str, value: f64) -> Result<Duration, ConfigError> {
     if value.is_finite() && value > 0.0 && value < 1e9 {
         Ok(Duration::from_secs_f64(value))
     } else {

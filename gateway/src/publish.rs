@@ -244,10 +244,12 @@ impl Publisher {
         request.validate()?;
         let now_ms = unix_ms();
         let send_at = request.send_at_ms(now_ms)?;
-        if let PublishTarget::Place(place) = &request.target {
-            // Refuse an unknown place before taking an idempotency key or scheduling.
-            self.place_area(place).await?;
-        }
+        // An unknown place is refused before an idempotency key is taken or anything is
+        // scheduled; a place resolved here is not looked up again to send now.
+        let place_area = match &request.target {
+            PublishTarget::Place(place) => Some(self.place_area(place).await?),
+            _ => None,
+        };
         let id = match &request.idempotency_key {
             None => notification_id(now_ms as u64, rand::random()),
             Some(key) => match self.claim_idempotency_key(key, now_ms).await? {
@@ -281,7 +283,10 @@ impl Publisher {
                     scheduled_ms: Some(at_ms),
                 }
             }
-            None => self.publish_now(id.clone(), request, now_ms, None).await?,
+            None => {
+                self.publish_now(id.clone(), request, place_area, now_ms, None)
+                    .await?
+            }
         };
         if let Some(key) = &request.idempotency_key {
             self.finish_idempotency_key(key, &id).await?;
@@ -302,15 +307,18 @@ impl Publisher {
             .send_at
             .as_deref()
             .and_then(geopush_proto::api::parse_rfc3339_ms);
-        self.publish_now(id.to_owned(), &request, now_ms, send_at)
+        // The place is looked up now: its fence may have changed since it was scheduled.
+        self.publish_now(id.to_owned(), &request, None, now_ms, send_at)
             .await
     }
 
-    /// Send a validated notification under `id` now.
+    /// Send a validated notification under `id` now (`place_area`: the place target's
+    /// fence, if already resolved).
     async fn publish_now(
         &self,
         id: String,
         request: &NotificationRequest,
+        place_area: Option<Area>,
         now_ms: i64,
         send_at_ms: Option<i64>,
     ) -> Result<Published, PublishError> {
@@ -324,7 +332,10 @@ impl Publisher {
             expires_ms: now_ms.saturating_add((request.ttl_s as i64).saturating_mul(1000)),
         };
         let target = match &request.target {
-            PublishTarget::Place(place) => Target::Area(self.place_area(place).await?),
+            PublishTarget::Place(place) => Target::Area(match place_area {
+                Some(area) => area,
+                None => self.place_area(place).await?,
+            }),
             PublishTarget::Area(area) => Target::Area(area.clone()),
             PublishTarget::Topic(topic) => Target::Topic(topic.clone()),
             PublishTarget::All(_) => Target::All,

@@ -4,7 +4,7 @@
 
 use clap::Args;
 pub use geopush_gateway::config::LogFormat;
-use geopush_gateway::config::{ApiConfig, ConfigError, Secret, TokenKeys};
+use geopush_gateway::config::{ApiConfig, ConfigError, Secret, TokenKeys, positive_seconds};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -108,17 +108,6 @@ pub struct WebhookSettings {
         default_value_t = 60.0
     )]
     pub webhook_claim_idle_seconds: f64,
-}
-
-fn positive_seconds(field: &'static str, value: f64) -> Result<Duration, ConfigError> {
-    if value.is_finite() && value > 0.0 && value < 1e9 {
-        Ok(Duration::from_secs_f64(value))
-    } else {
-        Err(ConfigError {
-            field,
-            reason: format!("must be a positive number of seconds, got {value}"),
-        })
-    }
 }
 
 impl WorkerConfig {
