@@ -80,14 +80,16 @@ import glob, json, os, sys
 rows = []
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "n*.json"))):
     r = json.load(open(path))
-    g = r["gateway"]
-    end = (g["end_of_hold"]["vm_rss_kib"] - g["before"]["vm_rss_kib"]) * 1024 / max(r["connected"], 1)
-    rows.append((r["connected"], "fix-once" if r["fix_once"] else "welcome",
-                 g["before"]["vm_rss_kib"], g["after_settle"]["vm_rss_kib"],
-                 g["rss_bytes_per_connection"], end, g["anon_bytes_per_connection"],
-                 r["client"]["cpu_total"]["user_s"] + r["client"]["cpu_total"]["system_s"],
-                 g["cpu_connect"]["user_s"] + g["cpu_connect"]["system_s"], r["failed"], r["dropped"]))
-print("| N | variant | RSS before KiB | RSS after KiB | bytes/conn (settled) | bytes/conn (end of hold) | anon bytes/conn | client CPU s | gateway CPU connecting s | failed | dropped |")
+    g = r["gateways"][0]
+    variant = "fix-once" if "fix-once" in os.path.basename(path) else "welcome"
+    settled = g["rss_delta_kib"] * 1024 / max(r["connected"], 1)
+    end = (g["end"]["vm_rss_kib"] - g["before"]["vm_rss_kib"]) * 1024 / max(r["connected"], 1)
+    anon = (g["settled"]["rss_anon_kib"] - g["before"]["rss_anon_kib"]) * 1024 / max(r["connected"], 1)
+    cpu = r["client"]["cpu"]["user_s"] + r["client"]["cpu"]["system_s"]
+    rows.append((r["connected"], variant, g["before"]["vm_rss_kib"], g["settled"]["vm_rss_kib"],
+                 settled, end, anon, cpu, g["cpu"]["user_s"] + g["cpu"]["system_s"],
+                 r["failed"], sum(r["closes"].values())))
+print("| N | variant | RSS before KiB | RSS after KiB | bytes/conn (settled) | bytes/conn (end of hold) | anon bytes/conn | client CPU s | gateway CPU s | failed | closed |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for row in sorted(rows, key=lambda r: (r[0], r[1])):
     print("| {} | {} | {} | {} | {:.0f} | {:.0f} | {:.0f} | {:.2f} | {:.2f} | {} | {} |".format(*row))

@@ -1,26 +1,31 @@
-//! `geopush-loadtest`: simulated fleets against a running gateway.
+//! `geopush-loadtest`: simulated fleets and publishers against running gateways.
 //!
 //! ```text
-//! geopush-loadtest connect --url ws://127.0.0.1:8080/v1/ws --secret S --connections 10000 \
-//!     --rate 1000 --hold-seconds 30 [--fix-once] [--gateway-pid PID] [--json-report out.json]
-//! geopush-loadtest fixes   --url … --secret S --connections 2000 --fix-interval-ms 1000 …
-//! geopush-loadtest notify  --url ws://A/v1/ws,ws://B/v1/ws --secret S --redis-url redis://… \
-//!     --users 2000 --rate 10000 --seconds 30 [--churn 1000] [--gateway-pid PA,PB]
+//! geopush-loadtest connect   --url ws://127.0.0.1:8080/v1/ws --secret S -n 10000 --rate 1000 \
+//!     --seconds 30 [--gateway-pid PID] [--json-report out.json] [--chart out.svg]
+//! geopush-loadtest fixes     --url ws://A/v1/ws,ws://B/v1/ws --secret S -n 2000 --fix-interval-ms 1000
+//! geopush-loadtest geo       … --geo-rate 50 --geo-radius-m 1000
+//! geopush-loadtest broadcast … --broadcast-every-s 1
+//! geopush-loadtest churn     … --churn-per-s 100 --user-rate 100
+//! geopush-loadtest drain     --url ws://A,ws://B … --drain-pid PID_A --user-rate 200
+//! geopush-loadtest city      … (fixes, user, geo and broadcast notifications at once)
+//! geopush-loadtest notify    --url … --redis-url redis://… --users 2000 --rate 10000
+//! geopush-loadtest merge     a.json b.json --json-report all.json --chart all.svg
+//! geopush-loadtest geo-bench (nearby beside Redis GEOSEARCH)
 //! ```
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use geopush_loadtest::cities::{self, Cities};
-use geopush_loadtest::{FleetOptions, Scenario, fleet};
+use clap::{Parser, Subcommand};
+use geopush_loadtest::report::Report;
+use geopush_loadtest::sim::{self, Scenario, SimArgs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
     name = "geopush-loadtest",
     version,
-    about = "Simulated mobile fleets against a geopush gateway"
+    about = "Simulated mobile fleets and publishers against geopush gateways"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,128 +34,39 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Open N authenticated sessions, hold them idle (answering pings), close them, report.
-    Connect {
-        #[command(flatten)]
-        fleet: FleetArgs,
-    },
-    /// Like `connect`, and every client sends a fix per interval during the hold.
-    Fixes {
-        #[command(flatten)]
-        fleet: FleetArgs,
-        /// Milliseconds between two fixes of one client.
-        #[arg(
-            long,
-            env = "GEOPUSH_LOADTEST_FIX_INTERVAL_MS",
-            default_value_t = 1_000
-        )]
-        fix_interval_ms: u64,
-    },
-    /// Time geopush's `nearby` beside Redis GEOSEARCH on the same places (own redis-server).
-    GeoBench(geopush_loadtest::geo_bench::GeoBenchArgs),
+    /// Open N authenticated sessions and hold them idle: connect rate, memory per connection.
+    Connect(SimArgs),
+    /// Every client walks and sends a fix per interval: fixes/s and fix → nearby latency.
+    Fixes(SimArgs),
+    /// Geo notifications to circles around clients: exact expected recipients, latency.
+    Geo(SimArgs),
+    /// Broadcasts to every socket: the time until the last one is reached.
+    Broadcast(SimArgs),
+    /// Clients disconnect and reconnect (with resume) while user notifications flow.
+    Churn(SimArgs),
+    /// SIGTERM one gateway mid-run: reconnect spread and notification loss.
+    Drain(SimArgs),
+    /// A mixed city: moving clients, user, geo and broadcast notifications at once.
+    City(SimArgs),
     /// User notifications through Redis to clients on several gateways: latency, loss, cost.
     Notify(geopush_loadtest::notify::NotifyArgs),
+    /// Merge the JSON reports of several loadtest processes of one run into one.
+    Merge(MergeArgs),
+    /// Time geopush's `nearby` beside Redis GEOSEARCH on the same places (own redis-server).
+    GeoBench(geopush_loadtest::geo_bench::GeoBenchArgs),
 }
 
-#[derive(Args)]
-struct FleetArgs {
-    /// Gateway WebSocket URL (path defaults to /v1/ws).
-    #[arg(
-        long,
-        env = "GEOPUSH_LOADTEST_URL",
-        default_value = "ws://127.0.0.1:8080/v1/ws"
-    )]
-    url: String,
-    /// The gateway's HS256 secret (its --jwt-secret); one token is minted per client.
-    #[arg(long, env = "GEOPUSH_JWT_SECRET")]
-    secret: String,
-    /// Number of clients, each with its own `sub`.
-    #[arg(
-        long,
-        short = 'n',
-        env = "GEOPUSH_LOADTEST_CONNECTIONS",
-        default_value_t = 100
-    )]
-    connections: usize,
-    /// New connections per second.
-    #[arg(long, env = "GEOPUSH_LOADTEST_RATE", default_value_t = 500.0)]
-    rate: f64,
-    /// Most handshakes in flight at once.
-    #[arg(long, env = "GEOPUSH_LOADTEST_CONCURRENCY", default_value_t = 200)]
-    concurrency: usize,
-    /// Seconds to hold the fleet once every client is connected.
-    #[arg(long, env = "GEOPUSH_LOADTEST_HOLD_SECONDS", default_value_t = 10.0)]
-    hold_seconds: f64,
-    /// Seconds between the last connect and the memory sample (part of the hold).
-    #[arg(long, env = "GEOPUSH_LOADTEST_SETTLE_SECONDS", default_value_t = 3.0)]
-    settle_seconds: f64,
-    /// Each client sends one `location` fix right after `welcome`.
-    #[arg(long)]
-    fix_once: bool,
-    /// Gateway process id: its RSS is read before and after connecting.
-    #[arg(long, env = "GEOPUSH_LOADTEST_GATEWAY_PID")]
-    gateway_pid: Option<u32>,
-    /// Bound on TCP connect + upgrade + welcome per client, seconds.
-    #[arg(long, default_value_t = 10.0)]
-    connect_timeout_seconds: f64,
-    /// Clients are named `{prefix}-{i}` (use distinct prefixes for parallel processes).
-    #[arg(long, default_value = "load")]
-    sub_prefix: String,
-    /// GeoNames cities1000 CSV to scatter clients around.
-    #[arg(long, env = "GEOPUSH_CITIES_FILE")]
-    cities: Option<PathBuf>,
-    /// Seed for client positions.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Spread clients over this many loopback source addresses (127.0.0.1, .2, …): past
-    /// ~14,000 connections from one address, the kernel's source-port search dominates the
-    /// client's CPU.
-    #[arg(long, default_value_t = 1)]
-    source_ips: u8,
-    /// Runtime worker threads (1 = a single-threaded runtime).
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-    /// Write the report as JSON to this file.
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// The reports to merge (same scenario).
+    #[arg(required = true)]
+    reports: Vec<PathBuf>,
+    /// Write the merged report as JSON here.
     #[arg(long)]
     json_report: Option<PathBuf>,
-    /// No progress lines.
-    #[arg(long, short = 'q')]
-    quiet: bool,
-}
-
-fn options(
-    args: &FleetArgs,
-    scenario: Scenario,
-    fix_interval_ms: u64,
-) -> anyhow::Result<FleetOptions> {
-    let needs_cities = args.fix_once || scenario == Scenario::Fixes;
-    let cities = if needs_cities {
-        let path = args.cities.clone().unwrap_or_else(cities::default_path);
-        Some(Arc::new(Cities::load(&path).context(
-            "fixes need real positions: pass --cities PATH (GeoNames cities1000.csv)",
-        )?))
-    } else {
-        None
-    };
-    Ok(FleetOptions {
-        scenario,
-        url: args.url.clone(),
-        secret: args.secret.clone(),
-        connections: args.connections,
-        rate: args.rate,
-        concurrency: args.concurrency,
-        hold_seconds: args.hold_seconds,
-        settle_seconds: args.settle_seconds,
-        fix_once: args.fix_once,
-        fix_interval_ms,
-        gateway_pid: args.gateway_pid,
-        connect_timeout_seconds: args.connect_timeout_seconds,
-        sub_prefix: args.sub_prefix.clone(),
-        cities,
-        progress: !args.quiet,
-        seed: args.seed,
-        source_ips: args.source_ips,
-    })
+    /// Write the merged chart (SVG) here.
+    #[arg(long)]
+    chart: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -164,20 +80,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let (args, scenario, interval) = match &cli.scenario {
-        Command::Connect { fleet } => (fleet, Scenario::Connect, 1_000),
-        Command::Fixes {
-            fleet,
-            fix_interval_ms,
-        } => (fleet, Scenario::Fixes, *fix_interval_ms),
-        Command::GeoBench(args) => return geopush_loadtest::geo_bench::main(args),
-        Command::Notify(args) => return geopush_loadtest::notify::main(args.clone()),
+    let (scenario, args) = match cli.scenario {
+        Command::Connect(args) => (Scenario::Connect, args),
+        Command::Fixes(args) => (Scenario::Fixes, args),
+        Command::Geo(args) => (Scenario::Geo, args),
+        Command::Broadcast(args) => (Scenario::Broadcast, args),
+        Command::Churn(args) => (Scenario::Churn, args),
+        Command::Drain(args) => (Scenario::Drain, args),
+        Command::City(args) => (Scenario::City, args),
+        Command::Notify(args) => return geopush_loadtest::notify::main(args),
+        Command::GeoBench(args) => return geopush_loadtest::geo_bench::main(&args),
+        Command::Merge(args) => return merge(&args),
     };
-    let options = options(args, scenario, interval)?;
-    options.validate()?;
-    if args.threads == 0 {
-        anyhow::bail!("--threads must be at least 1");
-    }
+    args.validate(scenario)?;
     let runtime = if args.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -189,14 +104,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .build()
     }
     .context("starting tokio")?;
-    let report = runtime.block_on(fleet::run(options))?;
+    let report = runtime.block_on(sim::run(scenario, args.clone()))?;
     print!("{}", report.summary());
-    if let Some(path) = &args.json_report {
-        let json = serde_json::to_string_pretty(&report).context("serializing the report")?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
+    report.write(args.json_report.as_deref(), args.chart.as_deref())?;
     if report.connected == 0 {
         anyhow::bail!("no client connected");
     }
     Ok(())
+}
+
+fn merge(args: &MergeArgs) -> anyhow::Result<()> {
+    let reports = args
+        .reports
+        .iter()
+        .map(|path| Report::load(path))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let merged = Report::merge(&reports)?;
+    print!("{}", merged.summary());
+    merged.write(args.json_report.as_deref(), args.chart.as_deref())
 }

@@ -16,36 +16,29 @@
 //! The publisher runs on a runtime of its own in its own thread, so its CPU is read apart
 //! from the clients' (`/proc/self/task/TID/stat`).
 
+use crate::net::{self, Target, Ws};
 use crate::procfs::{self, CpuTime, Memory};
+use crate::report::Latency;
+use crate::sender::{PublishVia, Sender};
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
-use geopush_gateway::bus::redis::RedisTarget;
-use geopush_gateway::publish::Publisher;
 use geopush_proto::api::{NotificationRequest, PublishTarget};
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, MissedTickBehavior, sleep, sleep_until, timeout};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Read buffer of each client socket (notification frames are ~200 bytes).
-const CLIENT_READ_BUFFER: usize = 4 * 1024;
-/// Largest frame a client accepts.
-const CLIENT_MAX_MESSAGE: usize = 1 << 20;
 /// Bound on one client's TCP connect + upgrade + `welcome`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on closing the clients at the end.
@@ -343,45 +336,6 @@ impl RedisAdmin {
 // ---------------------------------------------------------------------------------------
 // Clients
 
-type Ws = WebSocketStream<TcpStream>;
-
-/// One gateway, resolved once.
-#[derive(Clone, Debug)]
-struct Target {
-    url: String,
-    addr: SocketAddr,
-}
-
-async fn resolve(url: &str) -> anyhow::Result<Target> {
-    let uri: http::Uri = url
-        .parse()
-        .with_context(|| format!("--url {url:?} is not a URL"))?;
-    if uri.scheme_str() != Some("ws") {
-        bail!("--url {url:?} must start with ws://");
-    }
-    let authority = uri
-        .authority()
-        .with_context(|| format!("--url {url:?} has no host"))?;
-    let host_port = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    );
-    let path = match uri.path_and_query().map(|p| p.as_str()) {
-        None | Some("") | Some("/") => "/v1/ws",
-        Some(p) => p,
-    };
-    let addr = tokio::net::lookup_host(&host_port)
-        .await
-        .with_context(|| format!("cannot resolve {host_port}"))?
-        .next()
-        .with_context(|| format!("{host_port} resolves to no address"))?;
-    Ok(Target {
-        url: format!("ws://{host_port}{path}"),
-        addr,
-    })
-}
-
 /// The part of a server frame a client reads.
 #[derive(Deserialize)]
 struct Frame<'a> {
@@ -438,11 +392,7 @@ impl Clients {
             targets,
             secret: secret.into(),
             source_ips,
-            ws_config: WebSocketConfig::default()
-                .read_buffer_size(CLIENT_READ_BUFFER)
-                .write_buffer_size(0)
-                .max_message_size(Some(CLIENT_MAX_MESSAGE))
-                .max_frame_size(Some(CLIENT_MAX_MESSAGE)),
+            ws_config: net::client_ws_config(),
             latency: Mutex::new(
                 Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("histogram bounds")?,
             ),
@@ -471,57 +421,11 @@ impl Clients {
         let target = &self.targets[index % self.targets.len()];
         let token = geopush_gateway::auth::mint_hs256(&self.secret, sub, Some("load"), 3_600)
             .map_err(|e| format!("minting a token: {e}"))?;
-        let mut request = target
-            .url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| format!("bad request: {e}"))?;
-        let bearer = http::HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|e| format!("bad token header: {e}"))?;
-        request
-            .headers_mut()
-            .insert(http::header::AUTHORIZATION, bearer);
+        // Every client of one index range shares a source address; see `--source-ips`.
         let spread = usize::from(self.source_ips);
-        let tcp = if spread <= 1 {
-            TcpStream::connect(target.addr).await
-        } else {
-            // Every client of one index range shares a source address; see `--source-ips`.
-            let source =
-                Ipv4Addr::new(127, 0, 0, 1 + ((index / self.targets.len()) % spread) as u8);
-            match TcpSocket::new_v4().and_then(|s| {
-                s.bind(SocketAddr::new(source.into(), 0))?;
-                Ok(s)
-            }) {
-                Ok(socket) => socket.connect(target.addr).await,
-                Err(e) => Err(e),
-            }
-        }
-        .map_err(|e| format!("tcp connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let (mut ws, _) =
-            tokio_tungstenite::client_async_with_config(request, tcp, Some(self.ws_config))
-                .await
-                .map_err(|e| match e {
-                    tungstenite::Error::Http(response) => {
-                        format!("upgrade refused: HTTP {}", response.status())
-                    }
-                    other => format!("upgrade: {other}"),
-                })?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    if serde_json::from_str::<Frame>(text.as_str())
-                        .is_ok_and(|f| f.kind == "welcome")
-                    {
-                        return Ok(ws);
-                    }
-                }
-                Some(Ok(Message::Close(_))) => return Err("closed before welcome".into()),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(format!("before welcome: {e}")),
-                None => return Err("connection ended before welcome".into()),
-            }
-        }
+        let source =
+            (spread > 1).then(|| net::source_address((index / self.targets.len()) % spread));
+        net::open_session(target, &token, source, self.ws_config).await
     }
 
     /// Read until `stop`: record each notification, ack it. `Some(reason)` if lost first.
@@ -652,23 +556,13 @@ async fn close_all(sockets: Vec<(usize, Ws)>) {
     for (_, mut ws) in sockets {
         tasks.spawn(async move {
             let _ = timeout(CLOSE_TIMEOUT, async {
-                let _ = ws.close(Some(normal_close())).await;
+                let _ = ws.close(Some(net::normal_close())).await;
                 while let Some(Ok(_)) = ws.next().await {}
             })
             .await;
         });
     }
     while tasks.join_next().await.is_some() {}
-}
-
-/// A close frame with code 1000. Not `close(None)`: the gateway at 96880ef panics on an
-/// empty close payload (`&payload[2..]` in `session::on_frame`) and leaks the session's
-/// channel subscriptions, which would spoil the UNSUBSCRIBE count.
-fn normal_close() -> tungstenite::protocol::CloseFrame {
-    tungstenite::protocol::CloseFrame {
-        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
-        reason: "".into(),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -690,52 +584,9 @@ pub struct PublisherReport {
     /// Latest a publish started after its scheduled time, ms (the publisher falling behind).
     pub max_lag_ms: f64,
     /// Duration of one `publish` call (XADD pipeline + PUBLISH: two Redis round trips).
-    pub call_latency: Percentiles,
+    pub call_latency: Latency,
     /// CPU of the publisher's thread.
     pub cpu: CpuTime,
-}
-
-/// How the publisher sends: the library in this process, or a worker's HTTP API.
-#[derive(Clone)]
-enum Sender {
-    Direct(Publisher),
-    Worker {
-        client: reqwest::Client,
-        url: Arc<String>,
-        authorization: Arc<String>,
-    },
-}
-
-impl Sender {
-    async fn send(&self, request: &NotificationRequest) -> Result<(), String> {
-        match self {
-            Sender::Direct(publisher) => publisher
-                .publish(request)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Sender::Worker {
-                client,
-                url,
-                authorization,
-            } => {
-                let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-                let response = client
-                    .post(url.as_str())
-                    .header("authorization", authorization.as_str())
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| format!("worker: {e}"))?;
-                if response.status().as_u16() == 202 {
-                    Ok(())
-                } else {
-                    Err(format!("worker answered {}", response.status().as_u16()))
-                }
-            }
-        }
-    }
 }
 
 /// Publish `rate` × `seconds` user notifications to random users of `users`, at most
@@ -745,45 +596,30 @@ fn spawn_publisher(
     users: Vec<String>,
     go: std::sync::mpsc::Receiver<()>,
 ) -> std::thread::JoinHandle<anyhow::Result<PublisherReport>> {
-    let redis_url = args.redis_url.clone();
-    let prefix = args.redis_prefix.clone();
-    let worker = args.worker_url.as_ref().map(|url| {
-        (
-            format!("{}/v1/notifications", url.trim_end_matches('/')),
-            args.api_key.clone(),
-        )
-    });
+    let via = match &args.worker_url {
+        Some(base) => PublishVia::Api {
+            base: base.clone(),
+            api_key: args.api_key.clone(),
+        },
+        None => PublishVia::Redis {
+            url: args.redis_url.clone(),
+            prefix: args.redis_prefix.clone(),
+        },
+    };
     let (rate, seconds, in_flight, seed) = (args.rate, args.seconds, args.publishers, args.seed);
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the publisher's runtime")?;
-        let tid = thread_id();
+        let tid = procfs::thread_id();
         runtime.block_on(async move {
-            let publisher = match worker {
-                Some((url, key)) => Sender::Worker {
-                    client: reqwest::Client::builder()
-                        .pool_max_idle_per_host(in_flight)
-                        .build()
-                        .context("publisher: building the HTTP client")?,
-                    url: Arc::new(url),
-                    authorization: Arc::new(format!("Bearer {key}")),
-                },
-                None => {
-                    let target = RedisTarget::parse(&redis_url, false);
-                    Sender::Direct(
-                        Publisher::connect(&target, &prefix, 1_000)
-                            .await
-                            .context("publisher: connecting to Redis")?,
-                    )
-                }
-            };
+            let publisher = Sender::connect(&via, in_flight).await?;
             // Wait for the clients (the receiver ends if they failed).
             if go.recv().is_err() {
                 return Ok(PublisherReport::default());
             }
-            let cpu_start = thread_cpu(tid);
+            let cpu_start = procfs::thread_cpu(tid);
             let total = (rate * seconds).round() as u64;
             let slots = Arc::new(Semaphore::new(in_flight));
             let published = Arc::new(AtomicU64::new(0));
@@ -852,7 +688,7 @@ fn spawn_publisher(
             let published = published.load(Ordering::Relaxed);
             let error_reasons =
                 std::mem::take(&mut *errors.lock().unwrap_or_else(|p| p.into_inner()));
-            let call_latency = percentiles(&calls.lock().unwrap_or_else(|p| p.into_inner()));
+            let call_latency = Latency::of(&calls.lock().unwrap_or_else(|p| p.into_inner()));
             Ok(PublisherReport {
                 published,
                 errors: error_reasons.values().sum(),
@@ -862,75 +698,14 @@ fn spawn_publisher(
                 rate_per_s: published as f64 / elapsed.max(1e-9),
                 max_lag_ms: max_lag.as_secs_f64() * 1e3,
                 call_latency,
-                cpu: thread_cpu(tid).since(&cpu_start),
+                cpu: procfs::thread_cpu(tid).since(&cpu_start),
             })
         })
     })
 }
 
-/// This thread's kernel id (`/proc/thread-self` → `PID/task/TID`).
-fn thread_id() -> Option<u32> {
-    std::fs::read_link("/proc/thread-self")
-        .ok()?
-        .file_name()?
-        .to_str()?
-        .parse()
-        .ok()
-}
-
-/// CPU of one thread of this process (zero when it cannot be read).
-fn thread_cpu(tid: Option<u32>) -> CpuTime {
-    let Some(tid) = tid else {
-        return CpuTime::default();
-    };
-    let Ok(text) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
-        return CpuTime::default();
-    };
-    // As in `procfs::cpu_time`: count from the last ')'; utime and stime are 11 and 12.
-    let fields: Vec<&str> = text
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0.0, |v| v as f64 / 100.0)
-    };
-    CpuTime {
-        user_s: tick(11),
-        system_s: tick(12),
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Report
-
-/// Latency percentiles, ms.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct Percentiles {
-    pub count: u64,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
-}
-
-fn percentiles(h: &Histogram<u64>) -> Percentiles {
-    if h.is_empty() {
-        return Percentiles::default();
-    }
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
-    Percentiles {
-        count: h.len(),
-        p50_ms: ms(0.5),
-        p90_ms: ms(0.9),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: h.max() as f64 / 1e3,
-    }
-}
 
 /// One process (a gateway or Redis) during the publishing window.
 #[derive(Clone, Debug, Serialize)]
@@ -968,7 +743,7 @@ pub struct NotifyReport {
     pub rate_asked_per_s: f64,
     pub publisher: PublisherReport,
     /// Publish → socket, for every notification received (duplicates included).
-    pub latency: Percentiles,
+    pub latency: Latency,
     pub expected: u64,
     /// Distinct notifications received.
     pub delivered: u64,
@@ -1174,20 +949,11 @@ pub async fn run(args: NotifyArgs) -> anyhow::Result<NotifyReport> {
     };
     let mut targets = Vec::new();
     for url in &args.url {
-        targets.push(resolve(url).await?);
+        targets.push(Target::resolve(url).await?);
     }
     if let Some(url) = &args.worker_url {
         // Fail now, not after connecting every client.
-        let health = format!("{}/healthz", url.trim_end_matches('/'));
-        let answer = reqwest::Client::new()
-            .get(&health)
-            .timeout(Duration::from_secs(3))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the worker at {health}"))?;
-        if !answer.status().is_success() {
-            bail!("the worker at {health} answered {}", answer.status());
-        }
+        net::check_http_healthy(url).await?;
     }
     let mut admin = RedisAdmin::connect(&args.redis_url).await?;
     let redis_pid = admin.pid().await;
@@ -1236,7 +1002,7 @@ pub async fn run(args: NotifyArgs) -> anyhow::Result<NotifyReport> {
             match clients.receive(&mut ws, gateway).await {
                 None => {
                     let _ = timeout(CLOSE_TIMEOUT, async {
-                        let _ = ws.close(Some(normal_close())).await;
+                        let _ = ws.close(Some(net::normal_close())).await;
                         while let Some(Ok(_)) = ws.next().await {}
                     })
                     .await;
@@ -1324,7 +1090,7 @@ pub async fn run(args: NotifyArgs) -> anyhow::Result<NotifyReport> {
     let take = |m: &Mutex<BTreeMap<String, u64>>| {
         std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner()))
     };
-    let latency = percentiles(&clients.latency.lock().unwrap_or_else(|p| p.into_inner()));
+    let latency = Latency::of(&clients.latency.lock().unwrap_or_else(|p| p.into_inner()));
     Ok(NotifyReport {
         urls: targets.iter().map(|t| t.url.clone()).collect(),
         users: args.users,

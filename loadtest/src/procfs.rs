@@ -4,11 +4,11 @@
 //! report always shows whether the client, rather than the server, was the bottleneck.
 
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
 
 /// Memory figures from `/proc/PID/status`, KiB.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Memory {
     /// Resident set size.
     pub vm_rss_kib: u64,
@@ -74,7 +74,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// CPU time used so far, seconds.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct CpuTime {
     pub user_s: f64,
     pub system_s: f64,
@@ -83,6 +83,14 @@ pub struct CpuTime {
 impl CpuTime {
     pub fn total_s(&self) -> f64 {
         self.user_s + self.system_s
+    }
+
+    /// The sum of two CPU times.
+    pub fn plus(&self, other: &CpuTime) -> CpuTime {
+        CpuTime {
+            user_s: self.user_s + other.user_s,
+            system_s: self.system_s + other.system_s,
+        }
     }
 
     /// CPU used between `earlier` and `self`.
@@ -117,6 +125,41 @@ pub fn cpu_time(pid: Option<u32>) -> anyhow::Result<CpuTime> {
         user_s: tick(11)?,
         system_s: tick(12)?,
     })
+}
+
+/// This thread's kernel id (`/proc/thread-self` → `PID/task/TID`).
+pub fn thread_id() -> Option<u32> {
+    std::fs::read_link("/proc/thread-self")
+        .ok()?
+        .file_name()?
+        .to_str()?
+        .parse()
+        .ok()
+}
+
+/// CPU of one thread of this process (zero when it cannot be read).
+pub fn thread_cpu(tid: Option<u32>) -> CpuTime {
+    let Some(tid) = tid else {
+        return CpuTime::default();
+    };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+        return CpuTime::default();
+    };
+    // As in `cpu_time`: count from the last ')'; utime and stime are 11 and 12.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0.0, |v| v as f64 / clock_ticks())
+    };
+    CpuTime {
+        user_s: tick(11),
+        system_s: tick(12),
+    }
 }
 
 #[cfg(test)]

@@ -128,3 +128,88 @@ fn bad_flags_are_refused_before_anything_runs() {
         "cannot reach the worker",
     );
 }
+
+#[test]
+fn bad_flags_of_the_fleet_scenarios_are_refused() {
+    refused(&["drain", "--secret", "s"], "drain needs --drain-pid");
+    refused(
+        &["connect", "--secret", "s", "--drain-pid", "1"],
+        "--drain-pid is for the drain scenario",
+    );
+    refused(
+        &["geo", "--secret", "s", "--geo-rate=-1"],
+        "--geo-rate must be a number ≥ 0",
+    );
+    refused(
+        &["churn", "--secret", "s", "--user-rate=-3"],
+        "--user-rate must be a number ≥ 0",
+    );
+    refused(
+        &["broadcast", "--secret", "s", "--broadcast-every-s=-1"],
+        "--broadcast-every-s must be a number ≥ 0",
+    );
+    refused(
+        &["city", "--secret", "s", "--geo-radius-m", "0"],
+        "--geo-radius-m must be a positive number",
+    );
+    refused(
+        &[
+            "drain",
+            "--secret",
+            "s",
+            "--drain-pid",
+            "1",
+            "--seconds",
+            "5",
+            "--drain-at-s",
+            "9",
+        ],
+        "--drain-at-s must fall inside --seconds",
+    );
+    refused(
+        &[
+            "connect",
+            "--secret",
+            "s",
+            "-n",
+            "100000",
+            "--source-ips",
+            "1",
+        ],
+        "raise --source-ips",
+    );
+    refused(
+        &["merge", "/nonexistent/report.json"],
+        "reading /nonexistent/report.json",
+    );
+
+    // Something accepts TCP where the gateway should be, so the run gets as far as the
+    // publisher: an unreachable API and a missing cities file are refused before any client.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
+    let closed = format!("http://127.0.0.1:{}", closed_port());
+    refused(
+        &[
+            "churn",
+            "--secret",
+            "s",
+            "--url",
+            &url,
+            "--worker-url",
+            &closed,
+        ],
+        "cannot reach the worker",
+    );
+    refused(
+        &[
+            "fixes",
+            "--secret",
+            "s",
+            "--url",
+            &url,
+            "--cities",
+            "/nonexistent/cities.csv",
+        ],
+        "fixes need real positions",
+    );
+}

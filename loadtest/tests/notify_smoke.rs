@@ -4,65 +4,15 @@
 use geopush_gateway::Gateway;
 use geopush_gateway::config::{Config, Secret};
 use geopush_loadtest::notify::{self, NotifyArgs};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use support::RedisServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep};
 
+mod support;
+
 const SECRET: &str = "notify-smoke-secret";
-
-/// A memory-only redis-server on a free loopback port, killed by its PID on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    async fn start() -> RedisServer {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawning redis-server (is it installed?)");
-            let mut server = RedisServer { child, port };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if server.child.try_wait().ok().flatten().is_some() {
-                    break; // lost the port to someone else: try another
-                }
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
-                    return server;
-                }
-                sleep(Duration::from_millis(20)).await;
-            }
-            let _ = server.child.kill();
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A gateway on 127.0.0.1:0 using `redis_url`, ready; its URL and the switch that stops it.
 async fn start_gateway(
