@@ -346,7 +346,7 @@ async fn session(shared: &Shared, index: usize, ws: &mut Ws, memory: &mut Memory
                     churning = true;
                 }
             }
-            () = &mut churn, if churning => return End::Churned,
+            () = &mut churn, if churning && !shared.measured.is_cancelled() => return End::Churned,
             () = tick(&mut fixes) => {
                 let Some(walker) = memory.walker.as_mut() else { continue };
                 let every = plan.fix_interval.unwrap_or(Duration::from_secs(1));

@@ -548,6 +548,8 @@ struct Shared {
     stats: Stats,
     /// Cancelled when the measured phase begins: fixes and churn start.
     measuring: CancellationToken,
+    /// Cancelled when the measured phase ends: clients stop churning.
+    measured: CancellationToken,
     /// Cancelled at the end: every client closes.
     stop: CancellationToken,
     /// When the drain's SIGTERM went out, unix ms (0: not yet).
@@ -719,6 +721,7 @@ pub async fn run(scenario: Scenario, args: SimArgs) -> anyhow::Result<Report> {
         slots: (0..n).map(|_| Slot::default()).collect(),
         stats: Stats::default(),
         measuring: CancellationToken::new(),
+        measured: CancellationToken::new(),
         stop: CancellationToken::new(),
         drain_signal_unix_ms: AtomicU64::new(0),
     });
@@ -872,6 +875,7 @@ pub async fn run(scenario: Scenario, args: SimArgs) -> anyhow::Result<Report> {
             }
         }
     }
+    shared.measured.cancel();
     let fixes_measured = shared.stats.fixes.load(Ordering::Relaxed) - fixes_before;
     let publisher_cpu = match publisher {
         Some(publisher) => Some(publisher.join().await?),
