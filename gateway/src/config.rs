@@ -40,6 +40,53 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// A Redis URL (or comma-separated cluster seeds) whose `Debug` hides the credentials, so
+/// the configuration can be logged: `redis://user:pw@host:6379` shows as
+/// `redis://***@host:6379`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted: Vec<String> = self
+            .0
+            .split(',')
+            .map(|url| match (url.find("://"), url.rfind('@')) {
+                (Some(scheme_end), Some(at)) if at > scheme_end => {
+                    format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+                }
+                _ => url.to_owned(),
+            })
+            .collect();
+        write!(f, "{:?}", redacted.join(","))
+    }
+}
+
+impl std::str::FromStr for RedisUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(RedisUrl(s.to_owned()))
+    }
+}
+
+impl From<&str> for RedisUrl {
+    fn from(s: &str) -> RedisUrl {
+        RedisUrl(s.to_owned())
+    }
+}
+
+impl From<String> for RedisUrl {
+    fn from(s: String) -> RedisUrl {
+        RedisUrl(s)
+    }
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -214,7 +261,7 @@ pub struct Config {
     /// Redis URL (`redis://host:port`), or a cluster's seed URLs separated by commas. Unset:
     /// single-node mode with an in-memory bus.
     #[arg(long, env = "GEOPUSH_REDIS_URL")]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisUrl>,
 
     /// Treat the Redis URL as a Redis Cluster (sharded pub/sub); implied by several URLs.
     #[arg(long, env = "GEOPUSH_REDIS_CLUSTER", default_value_t = false)]
@@ -543,6 +590,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_urls_hide_their_credentials_when_logged() {
+        let url = RedisUrl::from("redis://user:s3cret@10.0.0.1:6379/0,redis://:pw@10.0.0.2:6379");
+        let shown = format!("{url:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("pw@"),
+            "{shown}"
+        );
+        assert_eq!(
+            shown,
+            r#""redis://***@10.0.0.1:6379/0,redis://***@10.0.0.2:6379""#
+        );
+        assert_eq!(
+            format!("{:?}", RedisUrl::from("redis://h:1")),
+            r#""redis://h:1""#
+        );
+        assert_eq!(
+            url.as_str(),
+            "redis://user:s3cret@10.0.0.1:6379/0,redis://:pw@10.0.0.2:6379"
+        );
+    }
 
     #[test]
     fn defaults_are_valid_and_use_the_dev_secret() {

@@ -98,7 +98,7 @@ impl Gateway {
             return Gateway::build(config, None);
         };
         config.validate()?;
-        let target = RedisTarget::parse(&urls, config.redis_cluster);
+        let target = RedisTarget::parse(urls.as_str(), config.redis_cluster);
         let keys = geopush_proto::bus::Keys::new(config.redis_prefix.clone());
         let (bus, pushes) = RedisBus::connect(
             &target,

@@ -178,6 +178,16 @@ impl Metrics {
             metrics.bus_reconnects.clone(),
         );
         registry.register(
+            "geopush_bus_probe_failures",
+            "End-to-end pub/sub probes that did not come back in time",
+            metrics.bus_probe_failures.clone(),
+        );
+        registry.register(
+            "geopush_geofence_events_dropped",
+            "Geofence events that could not be handed to the event stream",
+            metrics.geofence_events_dropped.clone(),
+        );
+        registry.register(
             "geopush_places",
             "Places in the replica",
             metrics.places.clone(),

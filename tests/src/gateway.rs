@@ -35,7 +35,7 @@ pub fn test_config() -> Config {
 /// outages are noticed within about a second.
 pub fn redis_config(redis_url: &str, cluster: bool, node_id: &str) -> Config {
     let mut config = test_config();
-    config.redis_url = Some(redis_url.to_owned());
+    config.redis_url = Some(redis_url.into());
     config.redis_cluster = cluster;
     config.node_id = Some(node_id.to_owned());
     config.subscription_linger_seconds = 0.3;

@@ -52,7 +52,7 @@ pub fn worker_config(redis_url: &str) -> WorkerConfig {
     api.api_keys = Some(Secret::new(test_api_keys()));
     WorkerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        redis_url: Some(redis_url.to_owned()),
+        redis_url: Some(redis_url.into()),
         redis_cluster: false,
         redis_prefix: crate::fleet::PREFIX.to_owned(),
         inbox_len: gateway.inbox_len,

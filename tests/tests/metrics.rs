@@ -62,6 +62,8 @@ async fn metrics_text_is_valid_and_names_the_contract() {
         ("geopush_bus_up", "gauge"),
         ("geopush_bus_reconnects", "counter"),
         ("geopush_places", "gauge"),
+        ("geopush_bus_probe_failures", "counter"),
+        ("geopush_geofence_events_dropped", "counter"),
     ] {
         assert_eq!(m.type_of(family), Some(kind), "{family} is a {kind}");
     }
@@ -72,6 +74,8 @@ async fn metrics_text_is_valid_and_names_the_contract() {
         "geopush_frames_in_total",
         "geopush_frames_out_total",
         "geopush_queue_drops_total",
+        "geopush_bus_probe_failures_total",
+        "geopush_geofence_events_dropped_total",
     ] {
         assert_eq!(m.get(name, &[]), Some(0.0), "{name}");
     }

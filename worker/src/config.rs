@@ -4,7 +4,9 @@
 
 use clap::Args;
 pub use geopush_gateway::config::LogFormat;
-use geopush_gateway::config::{ApiConfig, ConfigError, Secret, TokenKeys, positive_seconds};
+use geopush_gateway::config::{
+    ApiConfig, ConfigError, RedisUrl, Secret, TokenKeys, positive_seconds,
+};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ pub struct WorkerConfig {
     /// Redis URL (`redis://host:port`), or a cluster's seed URLs separated by commas. The
     /// worker needs Redis; without it run the single-node gateway, which serves this API.
     #[arg(long, env = "GEOPUSH_REDIS_URL")]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisUrl>,
 
     /// Treat the Redis URL as a Redis Cluster; implied by several URLs.
     #[arg(long, env = "GEOPUSH_REDIS_CLUSTER", default_value_t = false)]
@@ -142,7 +144,7 @@ impl WorkerConfig {
 
     /// The Redis URL(s); the worker has no in-memory mode.
     pub fn redis(&self) -> Result<&str, ConfigError> {
-        match self.redis_url.as_deref().map(str::trim) {
+        match self.redis_url.as_ref().map(|url| url.as_str().trim()) {
             Some(url) if !url.is_empty() => Ok(url),
             _ => Err(ConfigError {
                 field: "redis_url",
