@@ -59,6 +59,9 @@ struct Frame<'a> {
 struct Stamp {
     sent_us: u64,
     k: char,
+    /// The publishing process's `--sub-prefix`.
+    #[serde(default)]
+    p: String,
 }
 
 /// A position that moves a little with each fix: a random walk with momentum that stays
@@ -128,7 +131,9 @@ struct Memory {
     cursor: Option<String>,
     /// What the last `reconnect` frame asked to wait.
     reconnect_after: Option<Duration>,
-    /// When the fix whose `nearby` is awaited went out.
+    /// When the latest fix went out: a `nearby` is timed from it (the frame names no fix; a
+    /// gateway more than one fix interval behind would read short, which the gateways'
+    /// `geopush_fixes_total` against the fixes sent would show).
     fix_sent_at: Option<Instant>,
     walker: Option<Walker>,
 }
@@ -356,7 +361,7 @@ async fn session(shared: &Shared, index: usize, ws: &mut Ws, memory: &mut Memory
                     return End::Lost(format!("send: {e}"));
                 }
                 slot.set_position(walker.lat, walker.lon);
-                memory.fix_sent_at.get_or_insert_with(Instant::now);
+                memory.fix_sent_at = Some(Instant::now());
                 shared.stats.fixes.fetch_add(1, Ordering::Relaxed);
             }
             message = ws.next() => match message {
@@ -420,6 +425,10 @@ fn on_text(shared: &Shared, memory: &mut Memory, text: &str) -> Option<String> {
     let Some(kind) = Kind::from_stamp(stamp.k) else {
         return Some(ack);
     };
+    if kind == Kind::Geo && stamp.p != shared.sub_prefix {
+        // Another process's circle: its publisher counted only its own clients as expected.
+        return Some(ack);
+    }
     let k = shared.kind(kind);
     let latency_us = received_us.saturating_sub(stamp.sent_us);
     if !memory.seen.insert(id.clone()) {

@@ -259,6 +259,15 @@ impl SimArgs {
         if self.secret.is_empty() {
             bail!("--secret must not be empty");
         }
+        if self.sub_prefix.is_empty()
+            || self.sub_prefix.len() > 64
+            || !self
+                .sub_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            bail!("--sub-prefix must be 1 to 64 letters, digits, '-' or '_'");
+        }
         for (flag, value) in [
             ("--rate", self.rate),
             ("--seconds", self.seconds),

@@ -2,8 +2,9 @@
 //! measured phase, on a runtime and thread of its own so its CPU is read apart from the
 //! clients'.
 //!
-//! Each notification carries `{"sent_us": <unix µs>, "k": "u"|"g"|"b"}` in `data`; clients
-//! measure publish → socket from it. What a publish is expected to reach is counted when
+//! Each notification carries `{"sent_us": <unix µs>, "k": "u"|"g"|"b", "p": <sub prefix>}` in
+//! `data`; clients measure publish → socket from it, and count geo notifications only from
+//! their own process's publisher (the only one that knows where they are). What a publish is expected to reach is counted when
 //! the API accepts it: a user notification reaches its user's one device; a geo circle
 //! (centred on a random positioned client) reaches every connected client inside it at
 //! that moment (haversine, as the gateway's index); a broadcast is counted by the clients
@@ -158,9 +159,10 @@ async fn publish_for(
                     title: "load".into(),
                     body: String::new(),
                     data: serde_json::value::RawValue::from_string(format!(
-                        r#"{{"sent_us":{},"k":"{}"}}"#,
+                        r#"{{"sent_us":{},"k":"{}","p":"{}"}}"#,
                         super::unix_us(),
-                        kind.stamp()
+                        kind.stamp(),
+                        shared.sub_prefix
                     ))
                     .ok(),
                     ttl_s: NOTIFICATION_TTL_S,
