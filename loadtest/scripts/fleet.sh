@@ -161,8 +161,34 @@ scrape_sum() { # METRIC: its sum over the gateways still up
     echo "$total"
 }
 status=0
-for pid in "${load_pids[@]}"; do wait "$pid" || status=1; done
+for p in $(seq 1 "$procs"); do
+    if ! wait "${load_pids[$((p - 1))]}"; then
+        status=1
+        echo "loadtest process p$p failed:" >&2
+        tail -n 5 "$out/p$p.err" >&2
+    fi
+done
 fixes_indexed="$(scrape_sum geopush_fixes_total)"
+# The gateways' own view of delivery: notification handed to a session → frame written to its
+# socket (geopush_delivery_seconds), summed over the gateways still up. It leaves out the
+# clients' reading, which on this shared machine is most of publish → socket at high fan-out.
+for url in "${urls[@]}"; do
+    port="${url#ws://127.0.0.1:}"; port="${port%%/*}"
+    curl -fsS "http://127.0.0.1:$port/metrics" 2>/dev/null | grep '^geopush_delivery_seconds_bucket' || true
+done | python3 -c '
+import sys, collections
+buckets = collections.Counter()
+for line in sys.stdin:
+    le = line.split("le=\"")[1].split("\"")[0]
+    buckets[float("inf") if le == "+Inf" else float(le)] += float(line.rsplit(" ", 1)[1])
+if buckets and max(buckets.values()) > 0:
+    total = max(buckets.values())
+    def at(q):
+        return next(le for le in sorted(buckets) if buckets[le] >= q * total)
+    ms = lambda v: "%.2f ms" % (v * 1e3) if v != float("inf") else "above the top bucket"
+    print("gateway delivery -> socket write (geopush_delivery_seconds, bucket upper bounds): "
+          "%d frames, p50 <= %s, p99 <= %s, max <= %s" % (total, ms(at(0.5)), ms(at(0.99)), ms(at(1.0))))
+' | tee "$out/delivery.txt"
 cat "$out/p1.txt"
 [ "$procs" -gt 1 ] && for p in $(seq 2 "$procs"); do tail -n 3 "$out/p$p.err" | sed "s/^/p$p: /"; done
 reports=("$out"/p*.json)

@@ -413,7 +413,8 @@ impl Report {
             })
             .collect();
         let start_s = self.started_unix_ms / 1_000;
-        let x = |s: &Second| s.unix_s.saturating_sub(start_s) as f64;
+        // A second's counts are drawn at its end (the gauge is read then).
+        let x = |s: &Second| (s.unix_s + 1).saturating_sub(start_s) as f64;
         let line = |name: &str, unit: &str, f: fn(&Second) -> u64| Series {
             name: name.into(),
             unit: unit.into(),

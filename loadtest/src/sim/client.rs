@@ -367,6 +367,7 @@ async fn session(shared: &Shared, index: usize, ws: &mut Ws, memory: &mut Memory
             message = ws.next() => match message {
                 Some(Ok(Message::Text(text))) => {
                     if let Some(ack) = on_text(shared, memory, text.as_str())
+                        && plan.acks
                         && let Err(e) = ws.send(Message::text(ack)).await
                     {
                         return End::Lost(format!("send: {e}"));

@@ -124,6 +124,10 @@ pub struct SimArgs {
     /// Each client sends its position once right after every `welcome`.
     #[arg(long)]
     pub fix_once: bool,
+    /// Clients do not ack notifications (apps do; this shows what the acks cost). User
+    /// notifications are then replayed after every reconnect.
+    #[arg(long)]
+    pub no_ack: bool,
     /// Milliseconds between two fixes of one client during the measured phase; 0: none.
     /// [default: 1000 for fixes and city, else 0]
     #[arg(long)]
@@ -221,6 +225,7 @@ impl SimArgs {
             settle_seconds: 1.0,
             grace_seconds: 2.0,
             fix_once: false,
+            no_ack: false,
             fix_interval_ms: None,
             speed_mps: 1.4,
             cities: None,
@@ -358,6 +363,8 @@ fn open_files_limit() -> Option<u64> {
 struct Plan {
     /// Send the position after every `welcome`.
     fix_once: bool,
+    /// Ack every notification.
+    acks: bool,
     fix_interval: Option<Duration>,
     speed_mps: f64,
     user_rate: f64,
@@ -387,6 +394,7 @@ impl Plan {
         });
         Plan {
             fix_once: args.fix_once || matches!(scenario, Geo | City),
+            acks: !args.no_ack,
             fix_interval: (fix_interval_ms > 0).then(|| Duration::from_millis(fix_interval_ms)),
             speed_mps: args.speed_mps,
             user_rate: args.user_rate.unwrap_or(match scenario {
