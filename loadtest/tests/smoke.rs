@@ -74,17 +74,23 @@ fn args(url: &str) -> SimArgs {
     args
 }
 
-/// A cities file with Berlin only, written once per test process.
+/// A cities file with Berlin only, written once per test process (the tests run in
+/// parallel: rewriting it under another test's read would hand that test an empty file).
 fn berlin() -> PathBuf {
-    let path =
-        std::env::temp_dir().join(format!("geopush-smoke-berlin-{}.csv", std::process::id()));
-    std::fs::write(
-        &path,
-        "geonameid,name,latitude,longitude,country_code,population,timezone\n\
-         2950159,Berlin,52.52437,13.41053,DE,3426354,Europe/Berlin\n",
-    )
-    .expect("cities file");
-    path
+    static BERLIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BERLIN
+        .get_or_init(|| {
+            let path = std::env::temp_dir()
+                .join(format!("geopush-smoke-berlin-{}.csv", std::process::id()));
+            std::fs::write(
+                &path,
+                "geonameid,name,latitude,longitude,country_code,population,timezone\n\
+                 2950159,Berlin,52.52437,13.41053,DE,3426354,Europe/Berlin\n",
+            )
+            .expect("cities file");
+            path
+        })
+        .clone()
 }
 
 /// What every report must hold: everyone connected, nobody closed, the JSON and chart.
