@@ -1,8 +1,10 @@
 //! One WebSocket session, from the upgraded socket to its close.
 //!
-//! A session is two tasks: this reader, which parses client frames and runs the session's
-//! timers, and a writer ([`outbound::run_writer`]) that drains the session's queue. The
-//! per-fix path reads top to bottom here: decode → validate → rate limit → index.
+//! A session is one task that polls two futures: this reader, which parses client frames and
+//! runs the session's timers, and a writer ([`outbound::run_writer`]) that drains the
+//! session's queue. The writer is not spawned: a task of its own cost ~530 bytes more per
+//! connection (docs/benchmarks.md §1). The per-fix path reads top to bottom here: decode →
+//! validate → rate limit → index.
 //!
 //! The reader keeps `read_frame` (not cancel safe) in one pinned future that lives across
 //! `select!` iterations and is replaced only when it completes, so no frame is ever torn.
@@ -556,12 +558,14 @@ pub(crate) async fn run(
         ReplayFrom::Delivered,
     ));
 
-    let writer = node.tasks.spawn(run_writer(
+    // The writer is polled by this task rather than spawned: one task per session, not two
+    // (a spawned task costs its own allocation and header per connection).
+    let writer = run_writer(
         ws_write,
         outbound.clone(),
         node.metrics.clone(),
         node.config.write_timeout(),
-    ));
+    );
     tokio::pin!(writer);
     let read = read_next(reader, socket.clone(), max_frame_bytes);
     tokio::pin!(read);
@@ -573,7 +577,7 @@ pub(crate) async fn run(
     let writer_end = loop {
         tokio::select! {
             biased;
-            end = &mut writer => break end.ok(),
+            end = &mut writer => break Some(end),
             () = node.hard_stop.cancelled() => {
                 outbound.abandon();
                 break None;
@@ -629,11 +633,11 @@ impl Drop for Registered {
 
 /// Let the writer send what is queued and the close frame; its every write is bounded.
 async fn wait_writer(
-    writer: &mut std::pin::Pin<&mut tokio::task::JoinHandle<outbound::WriterEnd>>,
+    writer: &mut std::pin::Pin<&mut impl std::future::Future<Output = outbound::WriterEnd>>,
     node: &Node,
 ) -> Option<outbound::WriterEnd> {
     tokio::select! {
-        end = writer.as_mut() => end.ok(),
+        end = writer.as_mut() => Some(end),
         () = node.hard_stop.cancelled() => None,
     }
 }
