@@ -226,6 +226,9 @@ pub struct Report {
     /// The drain's SIGTERM → each reconnected client's `welcome` (the spread of reconnects).
     pub reconnect_after_drain: Latency,
     pub fixes_sent: u64,
+    /// Fixes the gateways counted (`geopush_fixes_total`, summed over them) during the
+    /// measured phase, per second: every client of those gateways, not only this process's.
+    pub fixes_accepted_per_s: Option<f64>,
     /// Fixes sent per second during the measured phase.
     pub fixes_per_s: f64,
     pub nearby_received: u64,
@@ -343,6 +346,11 @@ impl Report {
             reconnect_after_drain: latency(|p| &p.reconnect_after_drain),
             fixes_sent,
             fixes_per_s: parts.iter().map(|p| p.fixes_per_s).sum(),
+            // Each process saw every client's fixes on the shared gateways: not a sum.
+            fixes_accepted_per_s: parts
+                .iter()
+                .filter_map(|p| p.fixes_accepted_per_s)
+                .reduce(f64::max),
             nearby_received: sum(|p| p.nearby_received),
             fix_to_nearby: latency(|p| &p.fix_to_nearby),
             users: delivery(|p| &p.users),
@@ -487,6 +495,12 @@ impl Report {
                 "  fixes         {} sent, {:.0}/s; {} nearby received",
                 self.fixes_sent, self.fixes_per_s, self.nearby_received
             );
+            if let Some(accepted) = self.fixes_accepted_per_s {
+                let _ = writeln!(
+                    out,
+                    "                the gateways counted {accepted:.0} fixes/s (all their clients)"
+                );
+            }
         }
         for (name, d) in [
             ("user", &self.users),

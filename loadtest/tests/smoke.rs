@@ -141,6 +141,12 @@ async fn fixes_stream_and_nearby_is_timed() {
     let report = sim::run(Scenario::Fixes, a).await.expect("run");
     check_common(&report, 12);
     assert!(report.fixes_sent >= 24, "{}", report.summary());
+    // The gateway's own count of the fixes it took, read from its /metrics.
+    assert!(
+        report.fixes_accepted_per_s.is_some_and(|per_s| per_s > 0.0),
+        "{}",
+        report.summary()
+    );
     // Berlin's place lies within the nearby radius of every client: each first fix gets
     // a `nearby`, timed from that fix.
     assert!(report.nearby_received >= 12, "{}", report.summary());

@@ -667,6 +667,30 @@ fn sample_gateways_lenient(
         .collect()
 }
 
+/// `geopush_fixes_total` summed over the gateways; `None` if one does not answer (a
+/// drained gateway is gone).
+async fn scrape_fixes(targets: &[Target]) -> Option<u64> {
+    let client = reqwest::Client::new();
+    let mut total = 0u64;
+    for target in targets {
+        let text = client
+            .get(format!("http://{}/metrics", target.authority))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let value = text.lines().find_map(|line| {
+            line.strip_prefix("geopush_fixes_total ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })?;
+        total += value as u64;
+    }
+    Some(total)
+}
+
 /// Send SIGTERM to `pid` (the operator named it with --drain-pid).
 fn send_sigterm(pid: u32) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
@@ -858,6 +882,7 @@ pub async fn run(scenario: Scenario, args: SimArgs) -> anyhow::Result<Report> {
     });
     shared.measuring.cancel();
     let fixes_before = shared.stats.fixes.load(Ordering::Relaxed);
+    let counted_before = scrape_fixes(&targets).await;
     let measure = Duration::from_secs_f64(args.seconds);
     if let Some(publisher) = publisher.as_mut() {
         publisher.go(measure);
@@ -894,6 +919,12 @@ pub async fn run(scenario: Scenario, args: SimArgs) -> anyhow::Result<Report> {
     }
     shared.measured.cancel();
     let fixes_measured = shared.stats.fixes.load(Ordering::Relaxed) - fixes_before;
+    let fixes_accepted_per_s = match (counted_before, scrape_fixes(&targets).await) {
+        (Some(before), Some(after)) if plan.fix_interval.is_some() => {
+            Some(after.saturating_sub(before) as f64 / measure_start.elapsed().as_secs_f64())
+        }
+        _ => None,
+    };
     let publisher_cpu = match publisher {
         Some(publisher) => Some(publisher.join().await?),
         None => None,
@@ -997,6 +1028,7 @@ pub async fn run(scenario: Scenario, args: SimArgs) -> anyhow::Result<Report> {
         reconnect_after_drain: latency_of(&s.reconnect_after_drain),
         fixes_sent,
         fixes_per_s: fixes_measured as f64 / args.seconds,
+        fixes_accepted_per_s,
         nearby_received: s.nearby.load(Ordering::Relaxed),
         fix_to_nearby: latency_of(&s.fix_to_nearby),
         users: delivery(Kind::User),
