@@ -317,7 +317,8 @@ struct Session {
     user: Arc<str>,
     device: Arc<str>,
     fences: FenceTracker,
-    nearby: NearbyTracker,
+    /// Made at the first fix: a client that never sends one does not pay for it.
+    nearby: Option<Box<NearbyTracker>>,
     /// Where the last processed fix was, for geofence event records.
     last_position: Option<(f64, f64)>,
     outbound: Outbound,
@@ -325,14 +326,15 @@ struct Session {
     last_seen: Instant,
     next_ping_at: Instant,
     rate: FixRate,
-    /// A fix waiting for the rate limiter; replaced by newer fixes.
-    pending_fix: Option<Fix>,
+    /// A fix waiting for the rate limiter; replaced by newer fixes. Boxed, like `partial`:
+    /// rare, and every byte of `Session` is paid by every connection.
+    pending_fix: Option<Box<Fix>>,
     /// `ts` of the last fix processed; older fixes are ignored.
     last_fix_ts: i64,
     bad_window_start: Instant,
     bad_in_window: u32,
     /// A fragmented message being reassembled.
-    partial: Option<(OpCode, BytesMut)>,
+    partial: Option<Box<(OpCode, BytesMut)>>,
     /// Ids whose acks were counted lately, so a repeated ack is not counted twice. Boxed:
     /// 8 bytes per session until its first ack rather than a `VecDeque`'s 32.
     #[allow(clippy::box_collection)]
@@ -455,42 +457,48 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 /// How often a replay waiting for room in the queue looks again.
 const REPLAY_ROOM_POLL: Duration = Duration::from_millis(10);
 
-/// Run a session on an upgraded connection until it ends. Holds the connection slot.
-pub(crate) async fn run(
+/// Complete the upgrade; the session's TCP socket and the bytes read past the request.
+async fn upgraded_socket(
     upgrade: fastwebsockets::upgrade::UpgradeFut,
-    claims: Claims,
-    slot: ConnectionSlot,
-) {
-    let node = slot.node().clone();
+) -> Option<(Arc<SessionSocket>, Option<Bytes>)> {
     let ws = match upgrade.await {
         Ok(ws) => ws,
         Err(e) => {
             debug!(error = %e, "upgrade did not complete");
-            return;
+            return None;
         }
     };
-    let parts = match ws
+    match ws
         .into_inner()
         .into_inner()
         .downcast::<TokioIo<TcpStream>>()
     {
-        Ok(parts) => parts,
+        Ok(parts) => {
+            let prefix = (!parts.read_buf.is_empty()).then_some(parts.read_buf);
+            Some((SessionSocket::new(parts.io.into_inner()), prefix))
+        }
         Err(_) => {
             warn!("upgraded connection is not a TCP stream; dropping it");
-            return;
+            None
         }
-    };
-    let socket = SessionSocket::new(parts.io.into_inner());
-    let max_frame_bytes = node.config.max_frame_bytes;
-    let prefix = (!parts.read_buf.is_empty()).then_some(parts.read_buf);
+    }
+}
+
+/// The frame reader (parked when no bytes came with the upgrade) and the frame writer.
+fn socket_halves(
+    socket: &Arc<SessionSocket>,
+    prefix: Option<Bytes>,
+    max_frame_bytes: usize,
+) -> (FrameReader, fastwebsockets::WebSocketWrite<SocketWriter>) {
+    let has_prefix = prefix.is_some();
     let (first_parser, mut ws_write) = after_handshake_split(
-        SocketReader::new(socket.clone(), prefix.clone()),
+        SocketReader::new(socket.clone(), prefix),
         SocketWriter::new(socket.clone()),
         Role::Server,
     );
     // Vectored writes for every frame: no per-session copy buffer grows.
     ws_write.set_writev_threshold(0);
-    let reader = if prefix.is_some() {
+    let reader = if has_prefix {
         let mut parser = first_parser;
         configure_reader(&mut parser, max_frame_bytes);
         FrameReader::Active(parser)
@@ -499,10 +507,50 @@ pub(crate) async fn run(
         drop(first_parser);
         FrameReader::Parked
     };
+    (reader, ws_write)
+}
+
+/// Who a session is for, taken from its token before the upgrade completes.
+struct Identity {
+    user: Arc<str>,
+    device: Arc<str>,
+    expires_at: Instant,
+}
+
+/// Run a session on an upgraded connection until it ends. Holds the connection slot.
+///
+/// Not an `async fn`: its arguments would live in the session's future for the whole
+/// session; only what the session needs of the token goes in (see docs/benchmarks.md §1).
+pub(crate) fn run(
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    claims: Claims,
+    slot: ConnectionSlot,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let identity = Identity {
+        user: claims.sub.as_str().into(),
+        device: claims.device().into(),
+        expires_at: expiry_instant(&claims),
+    };
+    serve(upgrade, identity, slot)
+}
+
+async fn serve(
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    identity: Identity,
+    slot: ConnectionSlot,
+) {
+    let node = slot.node().clone();
+    let Some((socket, prefix)) = upgraded_socket(upgrade).await else {
+        return;
+    };
+    let max_frame_bytes = node.config.max_frame_bytes;
 
     let outbound = Outbound::new(node.config.queue_len);
-    let user: Arc<str> = claims.sub.as_str().into();
-    let device: Arc<str> = claims.device().into();
+    let Identity {
+        user,
+        device,
+        expires_at,
+    } = identity;
     let id = node
         .hub
         .register(user.clone(), device.clone(), outbound.clone());
@@ -517,12 +565,10 @@ pub(crate) async fn run(
         user,
         device,
         fences: FenceTracker::default(),
-        nearby: NearbyTracker::new(&node.nearby_rules),
+        nearby: None,
         last_position: None,
         outbound: outbound.clone(),
-        auth: Auth::Valid {
-            expires_at: expiry_instant(&claims),
-        },
+        auth: Auth::Valid { expires_at },
         last_seen: now,
         next_ping_at: now + node.config.heartbeat(),
         rate: FixRate::new(node.config.max_fixes_per_second, now),
@@ -534,9 +580,7 @@ pub(crate) async fn run(
         counted_acks: None,
         node: node.clone(),
     };
-    debug!(session = id, user = %claims.sub, device = claims.device(), "session open");
-    // Nothing below needs the claims: keep them out of the session's future.
-    drop(claims);
+    debug!(session = id, user = %session.user, device = %session.device, "session open");
     session.send(&ServerFrame::Welcome {
         session: &format!("{id:x}"),
         node: &node.node_id,
@@ -559,15 +603,21 @@ pub(crate) async fn run(
     ));
 
     // The writer is polled by this task rather than spawned: one task per session, not two
-    // (a spawned task costs its own allocation and header per connection).
-    let writer = run_writer(
-        ws_write,
-        outbound.clone(),
-        node.metrics.clone(),
-        node.config.write_timeout(),
-    );
+    // (a spawned task costs its own allocation and header per connection). Both halves are
+    // built in a block so that nothing they were made from stays in the session's future.
+    let (read, writer) = {
+        let (reader, ws_write) = socket_halves(&socket, prefix, max_frame_bytes);
+        (
+            read_next(reader, socket.clone(), max_frame_bytes),
+            run_writer(
+                ws_write,
+                outbound.clone(),
+                node.metrics.clone(),
+                node.config.write_timeout(),
+            ),
+        )
+    };
     tokio::pin!(writer);
-    let read = read_next(reader, socket.clone(), max_frame_bytes);
     tokio::pin!(read);
     let mut consumed: u64 = 0;
     let mut deadline = session.next_deadline();
@@ -706,7 +756,7 @@ impl Session {
             && self.rate.try_take(now)
             && let Some(fix) = self.pending_fix.take()
         {
-            self.process_fix(fix);
+            self.process_fix(*fix);
         }
         if self.fences.next_dwell_at().is_some_and(|due| due <= now) {
             let places = self.node.places.snapshot();
@@ -791,13 +841,14 @@ impl Session {
                         "new message inside a fragmented one",
                     );
                 }
-                self.partial = Some((opcode, payload));
+                self.partial = Some(Box::new((opcode, payload)));
                 Flow::Continue
             }
             OpCode::Continuation => {
-                let Some((first, mut message)) = self.partial.take() else {
+                let Some(partial) = self.partial.take() else {
                     return self.close(CloseCode::ProtocolError, "continuation without a message");
                 };
+                let (first, mut message) = *partial;
                 if message.len() + payload.len() > self.node.config.max_frame_bytes {
                     self.node.metrics.count_bad_frame(ErrorCode::TooLarge);
                     return self.close(CloseCode::TooBig, "message too large");
@@ -806,7 +857,7 @@ impl Session {
                 if fin {
                     self.on_message(first, message)
                 } else {
-                    self.partial = Some((first, message));
+                    self.partial = Some(Box::new((first, message)));
                     Flow::Continue
                 }
             }
@@ -974,8 +1025,12 @@ impl Session {
             self.process_fix(fix);
             return Flow::Continue;
         }
-        if self.pending_fix.replace(fix).is_some() {
-            self.node.metrics.fixes_coalesced.inc();
+        match self.pending_fix.as_mut() {
+            Some(pending) => {
+                **pending = fix;
+                self.node.metrics.fixes_coalesced.inc();
+            }
+            None => self.pending_fix = Some(Box::new(fix)),
         }
         let warn_due = self
             .rate
@@ -1013,7 +1068,11 @@ impl Session {
             &mut events,
         );
         self.emit_fence_events(&places, &events);
-        if let Some(json) = self.nearby.on_fix(&fix, &places, &self.node.nearby_rules) {
+        let rules = &self.node.nearby_rules;
+        let nearby = self
+            .nearby
+            .get_or_insert_with(|| Box::new(NearbyTracker::new(rules)));
+        if let Some(json) = nearby.on_fix(&fix, &places, rules) {
             self.outbound.push_nearby(json, &self.node.metrics);
             self.node.metrics.nearby_deliveries.inc();
         }
