@@ -37,32 +37,8 @@ for bin in "$gateway" "$loadtest"; do
     [ -x "$bin" ] || { echo "missing $bin: cargo build --release -p geopush-gateway -p geopush-loadtest" >&2; exit 2; }
 done
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-pids=()
-stop_all() {
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    pids=()
-}
-trap stop_all EXIT
-
-wait_ready() { # PORT
-    for _ in $(seq 1 200); do
-        curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    echo "gateway on port $1 not ready in 10 s" >&2
-    return 1
-}
+# shellcheck source=lib.sh
+source "$here/loadtest/scripts/lib.sh"
 
 rport="$(free_port)"
 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no \

@@ -5,20 +5,14 @@ use geopush_gateway::Gateway;
 use geopush_gateway::config::{Config, Secret};
 use geopush_loadtest::notify::{self, NotifyArgs};
 use std::time::Duration;
-use support::RedisServer;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::time::{Instant, sleep};
+use support::{InProcessGateway, RedisServer};
 
 mod support;
 
 const SECRET: &str = "notify-smoke-secret";
 
-/// A gateway on 127.0.0.1:0 using `redis_url`, ready; its URL and the switch that stops it.
-async fn start_gateway(
-    redis_url: &str,
-    node: &str,
-) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+/// A gateway on 127.0.0.1:0 using `redis_url`, ready.
+async fn start_gateway(redis_url: &str, node: &str) -> InProcessGateway {
     let mut config = Config::defaults();
     config.tokens.jwt_secret = Some(Secret::new(SECRET));
     config.redis_url = Some(redis_url.into());
@@ -26,33 +20,20 @@ async fn start_gateway(
     config.subscription_linger_seconds = 0.3;
     config.drain_seconds = 0.1;
     config.shutdown_grace_seconds = 1.0;
-    let gateway = Gateway::start(config).await.expect("gateway start");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let serving = gateway.clone();
-    let task = tokio::spawn(async move {
-        serving
-            .serve(listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gateway.is_ready() {
-        assert!(Instant::now() < deadline, "gateway {node} not ready");
-        sleep(Duration::from_millis(20)).await;
-    }
-    (url, stop, task)
+    InProcessGateway::serve(Gateway::start(config).await.expect("gateway start")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_scenario_delivers_everything_through_redis_to_two_gateways() {
     let redis = RedisServer::start().await;
-    let (url_a, stop_a, task_a) = start_gateway(&redis.url(), "gw-a").await;
-    let (url_b, stop_b, task_b) = start_gateway(&redis.url(), "gw-b").await;
+    let gateway_a = start_gateway(&redis.url(), "gw-a").await;
+    let gateway_b = start_gateway(&redis.url(), "gw-b").await;
 
-    let mut args = NotifyArgs::new(vec![url_a, url_b], SECRET, &redis.url());
+    let mut args = NotifyArgs::new(
+        vec![gateway_a.url.clone(), gateway_b.url.clone()],
+        SECRET,
+        &redis.url(),
+    );
     args.users = 10;
     args.rate = 200.0;
     args.seconds = 1.0;
@@ -95,8 +76,6 @@ async fn notify_scenario_delivers_everything_through_redis_to_two_gateways() {
     assert!(summary.contains("latency"));
     assert!(serde_json::to_string(&report).is_ok());
 
-    let _ = stop_a.send(());
-    let _ = stop_b.send(());
-    task_a.await.expect("gateway a stopped");
-    task_b.await.expect("gateway b stopped");
+    gateway_a.stop().await;
+    gateway_b.stop().await;
 }

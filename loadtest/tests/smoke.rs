@@ -7,52 +7,22 @@ use geopush_gateway::config::{Config, Secret};
 use geopush_loadtest::report::Report;
 use geopush_loadtest::sim::{self, Scenario, SimArgs};
 use std::path::PathBuf;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use support::InProcessGateway;
+
+mod support;
 
 const SECRET: &str = "smoke-secret";
 
-struct TestGateway {
-    gateway: Gateway,
-    url: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TestGateway {
-    /// A gateway on 127.0.0.1:0 with the sample places and a nearby radius that covers the
-    /// clients' start area.
-    async fn start() -> TestGateway {
-        let mut config = Config::defaults();
-        config.tokens.jwt_secret = Some(Secret::new(SECRET));
-        config.drain_seconds = 0.1;
-        config.shutdown_grace_seconds = 1.0;
-        config.nearby_radius_m = 5_000.0;
-        config.places_file = Some(workspace().join("deploy/places/sample-cities.ndjson"));
-        let gateway = Gateway::new(config).expect("gateway config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let serving = gateway.clone();
-        let task = tokio::spawn(async move {
-            serving
-                .serve(listener, async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        TestGateway {
-            gateway,
-            url,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.expect("gateway stopped");
-    }
+/// A gateway on 127.0.0.1:0 with the sample places and a nearby radius that covers the
+/// clients' start area.
+async fn start_gateway() -> InProcessGateway {
+    let mut config = Config::defaults();
+    config.tokens.jwt_secret = Some(Secret::new(SECRET));
+    config.drain_seconds = 0.1;
+    config.shutdown_grace_seconds = 1.0;
+    config.nearby_radius_m = 5_000.0;
+    config.places_file = Some(workspace().join("deploy/places/sample-cities.ndjson"));
+    InProcessGateway::serve(Gateway::new(config).expect("gateway config")).await
 }
 
 fn workspace() -> PathBuf {
@@ -115,7 +85,7 @@ fn check_common(report: &Report, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_holds_everyone_and_measures_the_gateway() {
-    let gw = TestGateway::start().await;
+    let gw = start_gateway().await;
     let mut a = args(&gw.url);
     a.fix_once = true;
     // The gateway runs in this process: its /proc figures are ours, which exercises the
@@ -134,7 +104,7 @@ async fn connect_holds_everyone_and_measures_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixes_stream_and_nearby_is_timed() {
-    let gw = TestGateway::start().await;
+    let gw = start_gateway().await;
     let mut a = args(&gw.url);
     a.fix_interval_ms = Some(250);
     a.source_ips = 2;
@@ -156,7 +126,7 @@ async fn fixes_stream_and_nearby_is_timed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geo_notifications_reach_exactly_the_clients_inside() {
-    let gw = TestGateway::start().await;
+    let gw = start_gateway().await;
     let mut a = args(&gw.url);
     a.geo_rate = Some(10.0);
     a.geo_radius_m = 2_000.0;
@@ -180,7 +150,7 @@ async fn geo_notifications_reach_exactly_the_clients_inside() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcasts_reach_every_socket() {
-    let gw = TestGateway::start().await;
+    let gw = start_gateway().await;
     let mut a = args(&gw.url);
     a.broadcast_every_s = Some(0.5);
     let report = sim::run(Scenario::Broadcast, a).await.expect("run");
@@ -196,7 +166,7 @@ async fn broadcasts_reach_every_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churning_clients_resume_and_lose_no_user_notification() {
-    let gw = TestGateway::start().await;
+    let gw = start_gateway().await;
     let mut a = args(&gw.url);
     a.seconds = 2.0;
     a.churn_per_s = Some(12.0);
@@ -219,7 +189,7 @@ async fn churning_clients_resume_and_lose_no_user_notification() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_city_mixes_fixes_and_every_kind_of_notification() {
-    let gw = TestGateway::start().await;
+    let gw = start_gateway().await;
     let mut a = args(&gw.url);
     a.seconds = 2.0;
     a.fix_interval_ms = Some(500);
@@ -261,7 +231,7 @@ async fn a_city_mixes_fixes_and_every_kind_of_notification() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_secret_fails_fast_with_the_gateways_answer() {
-    let gw = TestGateway::start().await;
+    let gw = start_gateway().await;
     let mut a = args(&gw.url);
     a.secret = "not-the-secret".into();
     let error = sim::run(Scenario::Connect, a)

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use geopush_gateway::Gateway;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -157,5 +158,49 @@ pub async fn wait_http_ok(addr: &str, path: &str) {
     while http_status(addr, path).await != 200 {
         assert!(Instant::now() < deadline, "{addr}{path} never answered 200");
         sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A gateway served in this process on 127.0.0.1:0 until [`InProcessGateway::stop`].
+pub struct InProcessGateway {
+    pub gateway: Gateway,
+    /// Its WebSocket URL.
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessGateway {
+    /// Serve `gateway` and wait until it is ready (a Redis-backed one subscribes first).
+    pub async fn serve(gateway: Gateway) -> InProcessGateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("ws://{}/v1/ws", listener.local_addr().expect("addr"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = gateway.clone();
+        let task = tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gateway.is_ready() {
+            assert!(Instant::now() < deadline, "gateway not ready");
+            sleep(Duration::from_millis(20)).await;
+        }
+        InProcessGateway {
+            gateway,
+            url,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("gateway stopped");
     }
 }
