@@ -203,6 +203,15 @@ pub struct ApiConfig {
     /// over (if the first died while sending), seconds.
     #[arg(long, env = "GEOPUSH_SCHEDULE_LEASE_SECONDS", default_value_t = 30)]
     pub schedule_lease_seconds: u64,
+
+    /// How long a notification's status stays queryable after it expires, seconds (in
+    /// Redis: how long its `gp:n:{id}` hash, ~200 bytes, outlives it).
+    #[arg(
+        long,
+        env = "GEOPUSH_STATUS_RETENTION_SECONDS",
+        default_value_t = 86_400
+    )]
+    pub status_retention_seconds: u64,
 }
 
 /// The API key used when none is configured. Anyone can publish with it: its use is
@@ -228,6 +237,7 @@ impl ApiConfig {
         at_least_one("api_max_nearby_limit", self.api_max_nearby_limit)?;
         at_least_one("schedule_poll_ms", self.schedule_poll_ms)?;
         at_least_one("schedule_lease_seconds", self.schedule_lease_seconds)?;
+        at_least_one("status_retention_seconds", self.status_retention_seconds)?;
         if !(self.api_max_nearby_radius_m.is_finite() && self.api_max_nearby_radius_m > 0.0) {
             return Err(ConfigError {
                 field: "api_max_nearby_radius_m",
@@ -244,6 +254,9 @@ impl ApiConfig {
     }
     pub fn schedule_lease(&self) -> Duration {
         Duration::from_secs(self.schedule_lease_seconds)
+    }
+    pub fn status_retention(&self) -> Duration {
+        Duration::from_secs(self.status_retention_seconds)
     }
 }
 

@@ -94,10 +94,13 @@ impl Node {
             (None, Some(redis)) => redis,
             (None, None) => Arc::new(MemorySink::new(config.geofence_event_buffer)),
         };
-        let status = Arc::new(match &bus {
-            Some(bus) => StatusBook::redis(bus.commands(), bus.keys.clone()),
-            None => StatusBook::memory(),
-        });
+        let status = Arc::new(
+            match &bus {
+                Some(bus) => StatusBook::redis(bus.commands(), bus.keys.clone()),
+                None => StatusBook::memory(),
+            }
+            .with_retention(config.api.status_retention()),
+        );
         Node {
             status,
             places: PlacesReplica::new(),

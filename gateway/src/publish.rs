@@ -219,16 +219,36 @@ impl Publisher {
         &self.scheduler
     }
 
-    /// A standalone publisher through Redis (the worker, tests, tools).
+    /// A standalone publisher through Redis (tests, tools), keeping statuses for the
+    /// default retention.
     pub async fn connect(
         target: &RedisTarget,
         prefix: &str,
         inbox_len: usize,
     ) -> Result<Publisher, PublishError> {
+        Publisher::connect_with_status_retention(
+            target,
+            prefix,
+            inbox_len,
+            crate::status::DEFAULT_STATUS_RETENTION,
+        )
+        .await
+    }
+
+    /// [`Publisher::connect`] keeping each status `status_retention` past its
+    /// notification's expiry (the worker: `GEOPUSH_STATUS_RETENTION_SECONDS`).
+    pub async fn connect_with_status_retention(
+        target: &RedisTarget,
+        prefix: &str,
+        inbox_len: usize,
+        status_retention: std::time::Duration,
+    ) -> Result<Publisher, PublishError> {
         let conn = redis_bus::connect(target, None).await?;
         let keys = Keys::new(prefix);
         Ok(Publisher {
-            status: Arc::new(StatusBook::redis(conn.clone(), keys.clone())),
+            status: Arc::new(
+                StatusBook::redis(conn.clone(), keys.clone()).with_retention(status_retention),
+            ),
             scheduler: Scheduler::redis(conn.clone(), keys.clone()),
             route: Arc::new(Route::Redis {
                 conn,

@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use utoipa::ToSchema;
 
-/// How long a status outlives its notification's expiry (so "expired" can be answered).
-pub const STATUS_GRACE_MS: i64 = 24 * 3600 * 1000;
+/// How long a status outlives its notification's expiry (so "expired" can be answered),
+/// unless configured (`GEOPUSH_STATUS_RETENTION_SECONDS`).
+pub const DEFAULT_STATUS_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// The TTL a counter gets when it arrives after its record expired (so it cannot leak).
 const ORPHAN_STATUS_TTL_MS: i64 = 3600 * 1000;
 /// Most distinct notifications one node holds uncounted between flushes; past it, counts
@@ -147,6 +148,8 @@ enum Store {
 /// The status of every notification this process publishes or delivers.
 pub struct StatusBook {
     store: Store,
+    /// How long a record outlives its notification's expiry, ms.
+    retention_ms: i64,
     /// Counts not yet folded into Redis (Redis mode only).
     pending: Mutex<HashMap<Box<str>, Counts>>,
 }
@@ -159,6 +162,7 @@ impl StatusBook {
     pub fn memory() -> StatusBook {
         StatusBook {
             store: Store::Memory(Mutex::default()),
+            retention_ms: DEFAULT_STATUS_RETENTION.as_millis() as i64,
             pending: Mutex::default(),
         }
     }
@@ -166,8 +170,15 @@ impl StatusBook {
     pub fn redis(conn: Conn, keys: Keys) -> StatusBook {
         StatusBook {
             store: Store::Redis { conn, keys },
+            retention_ms: DEFAULT_STATUS_RETENTION.as_millis() as i64,
             pending: Mutex::default(),
         }
+    }
+
+    /// Keep records this long after their notification expires.
+    pub fn with_retention(mut self, retention: Duration) -> StatusBook {
+        self.retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 4);
+        self
     }
 
     /// Count what happened to a notification. Never waits on I/O.
@@ -213,7 +224,8 @@ impl StatusBook {
             Store::Memory(records) => {
                 let mut records = records.lock().unwrap_or_else(|p| p.into_inner());
                 if records.len() % 1024 == 1023 {
-                    records.retain(|_, (r, _)| r.expires_ms + STATUS_GRACE_MS > now_ms);
+                    let retention_ms = self.retention_ms;
+                    records.retain(|_, (r, _)| r.expires_ms.saturating_add(retention_ms) > now_ms);
                 }
                 let entry = records
                     .entry(id.to_owned())
@@ -248,7 +260,8 @@ impl StatusBook {
                     pipe.arg(field::TARGETED).arg(users);
                 }
                 pipe.ignore();
-                let keep_ms = (record.expires_ms + STATUS_GRACE_MS - now_ms).max(1000);
+                let keep_ms =
+                    (record.expires_ms.saturating_add(self.retention_ms) - now_ms).max(1000);
                 pipe.cmd("PEXPIRE").arg(&key).arg(keep_ms).ignore();
                 pipe.query_async::<()>(&mut conn.clone())
                     .await

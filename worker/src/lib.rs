@@ -146,7 +146,13 @@ impl Worker {
         let webhooks = webhook_config(&config)?;
         let target = RedisTarget::parse(config.redis()?, config.redis_cluster);
         let keys = Keys::new(config.redis_prefix.clone());
-        let publisher = Publisher::connect(&target, &config.redis_prefix, config.inbox_len).await?;
+        let publisher = Publisher::connect_with_status_retention(
+            &target,
+            &config.redis_prefix,
+            config.inbox_len,
+            config.api.status_retention(),
+        )
+        .await?;
         let store = PlacesStore::connect(&target, &config.redis_prefix).await?;
         let places_conn = connect(&target, None).await?;
         let check_conn = connect(&target, None).await?;

@@ -138,9 +138,14 @@ fn main() -> anyhow::Result<()> {
         Some(Command::SendTest { user, title, body }) => {
             let target = RedisTarget::parse(config.redis()?, config.redis_cluster);
             runtime()?.block_on(async move {
-                let publisher = Publisher::connect(&target, &config.redis_prefix, config.inbox_len)
-                    .await
-                    .context("connecting to Redis")?;
+                let publisher = Publisher::connect_with_status_retention(
+                    &target,
+                    &config.redis_prefix,
+                    config.inbox_len,
+                    config.api.status_retention(),
+                )
+                .await
+                .context("connecting to Redis")?;
                 let request = NotificationRequest {
                     target: PublishTarget::Users(vec![user]),
                     title,

@@ -39,7 +39,7 @@ fn post_notification() {}
     params(("id" = String, Path, description = "The id a publish returned")),
     responses(
         (status = 200, description = "What the gateways did with it", body = NotificationStatus),
-        (status = 404, description = "Unknown, or expired more than a day ago", body = ErrorBody),
+        (status = 404, description = "Unknown, or expired longer ago than the status retention (GEOPUSH_STATUS_RETENTION_SECONDS, default a day)", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     ),
     security(("bearer" = ["publish"]))

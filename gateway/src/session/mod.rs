@@ -1,10 +1,11 @@
 //! One WebSocket session, from the upgraded socket to its close.
 //!
-//! A session is one task that polls two futures: this reader, which parses client frames and
-//! runs the session's timers, and a writer ([`outbound::run_writer`]) that drains the
-//! session's queue. The writer is not spawned: a task of its own cost ~530 bytes more per
-//! connection (docs/benchmarks.md §1). The per-fix path reads top to bottom here: decode →
-//! validate → rate limit → index.
+//! A session is two tasks: this reader, which parses client frames and runs the session's
+//! timers, and a writer ([`outbound::run_writer`]) that drains the session's queue. (Polling
+//! the writer inside this task saved ~270 bytes per connection, but then a burst larger than
+//! the queue could fill it before the task was scheduled to drain it — a 4009 for a client
+//! that reads fine; `tests/tests/user_order.rs` failed one run in ten. docs/benchmarks.md §1.)
+//! The per-fix path reads top to bottom here: decode → validate → rate limit → index.
 //!
 //! The reader keeps `read_frame` (not cancel safe) in one pinned future that lives across
 //! `select!` iterations and is replaced only when it completes, so no frame is ever torn.
@@ -602,19 +603,18 @@ async fn serve(
         ReplayFrom::Delivered,
     ));
 
-    // The writer is polled by this task rather than spawned: one task per session, not two
-    // (a spawned task costs its own allocation and header per connection). Both halves are
-    // built in a block so that nothing they were made from stays in the session's future.
+    // Both halves are built in a block so that nothing they were made from stays in the
+    // session's future. The writer is a task of its own: see the module header.
     let (read, writer) = {
         let (reader, ws_write) = socket_halves(&socket, prefix, max_frame_bytes);
         (
             read_next(reader, socket.clone(), max_frame_bytes),
-            run_writer(
+            node.tasks.spawn(run_writer(
                 ws_write,
                 outbound.clone(),
                 node.metrics.clone(),
                 node.config.write_timeout(),
-            ),
+            )),
         )
     };
     tokio::pin!(writer);
@@ -627,7 +627,7 @@ async fn serve(
     let writer_end = loop {
         tokio::select! {
             biased;
-            end = &mut writer => break Some(end),
+            end = &mut writer => break end.ok(),
             () = node.hard_stop.cancelled() => {
                 outbound.abandon();
                 break None;
@@ -683,11 +683,11 @@ impl Drop for Registered {
 
 /// Let the writer send what is queued and the close frame; its every write is bounded.
 async fn wait_writer(
-    writer: &mut std::pin::Pin<&mut impl std::future::Future<Output = outbound::WriterEnd>>,
+    writer: &mut std::pin::Pin<&mut tokio::task::JoinHandle<outbound::WriterEnd>>,
     node: &Node,
 ) -> Option<outbound::WriterEnd> {
     tokio::select! {
-        end = writer.as_mut() => Some(end),
+        end = writer.as_mut() => end.ok(),
         () = node.hard_stop.cancelled() => None,
     }
 }
